@@ -1,0 +1,115 @@
+"""A real guest recorded on a primary and replayed live on a backup over TCP."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from vmft_qemu import log_channel as lc
+from vmft_qemu.pair import LocalPair, free_port, wait_for
+from vmft_qemu.replay_log import REPLAY_VERSION
+
+from .faults import MODES, FaultProxy
+
+pytestmark = pytest.mark.qemu
+
+
+def _ticks(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("tick ")]
+
+
+def assert_backup_follows(pair: LocalPair, max_behind: int = 3) -> tuple[list[str], list[str]]:
+    """The backup's console is an exact prefix of the primary's, a few lines behind."""
+    primary, backup = pair.console("primary"), pair.console("backup")
+    # The last line of either may be half written; compare complete lines.
+    backup_done = backup[:-1]
+    assert backup_done == primary[: len(backup_done)], "backup console diverged"
+    assert len(primary) - len(backup) <= max_behind, (
+        f"backup {len(primary) - len(backup)} lines behind")
+    return primary, backup
+
+
+def test_pair_runs_60_s_in_lock_step(pair_factory) -> None:
+    pair = pair_factory()
+    pair.start_both()
+    wait_for(lambda: "VMFT-BOOT-OK" in pair.console("backup"), 120, "the backup to replay the boot")
+    lags: list[int] = []
+    start = time.monotonic()
+    while time.monotonic() - start < 60:
+        snap = pair.status("primary")
+        assert snap["connected"], snap["errors"]
+        lags.append(snap["lag_insns"])
+        time.sleep(1)
+    final = pair.status("primary")
+    # Settle: give the backup a moment to replay what it already has, then compare.
+    wait_for(lambda: len(_ticks(pair.console("primary"))) - len(_ticks(pair.console("backup"))) <= 1,
+             10, "the backup to catch up to within one tick")
+    primary, backup = assert_backup_follows(pair)
+    assert len(_ticks(backup)) >= 40, "guest should print a tick a second"
+    # Bounded lag: never more than 2 s of guest execution behind.
+    limit = 2 * final["icount_per_s"]
+    assert max(lags) < limit, f"lag peaked at {max(lags)} instructions (limit {limit:.0f})"
+    assert final["log_bytes_per_s"] > 0 and final["ack_delay_ms"] is not None
+    assert pair.status("backup")["refused_frames"] == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_damaged_frame_is_refused_and_replay_goes_on(pair_factory, mode: str) -> None:
+    backup_port = free_port()
+    proxy = FaultProxy(backup_port, mode)
+    try:
+        pair = pair_factory(log_port=backup_port, primary_target_port=proxy.port)
+        pair.start_both()
+        wait_for(proxy.injected.is_set, 120, f"the proxy to {mode} a frame")
+        expected = {"corrupt": "checksum", "truncate": "connection closed",
+                    "duplicate": "duplicate LOG frame", "reorder": "out-of-order LOG frame"}[mode]
+        errors = wait_for(lambda: [e for e in pair.status("backup")["errors"] if expected in e],
+                          30, f"the backup to report the {mode}ed frame")
+        assert errors
+        # The primary reconnects and the replay carries on, still identical.
+        wait_for(lambda: proxy.connections >= 2 and pair.status("primary")["connected"], 30,
+                 "the primary to reconnect")
+        seen = len(_ticks(pair.console("backup")))
+        wait_for(lambda: len(_ticks(pair.console("backup"))) >= seen + 3, 60,
+                 "the backup to replay three more ticks")
+        assert_backup_follows(pair)
+        assert any(e["event"] == "channel-error" for e in pair.events("backup"))
+    finally:
+        proxy.close()
+
+
+def test_wrong_log_version_is_refused(pair_factory) -> None:
+    pair = pair_factory()
+    pair.start("backup")
+    wait_for(lambda: pair.status("backup"), 30, "the backup to answer")
+    with socket.create_connection(("127.0.0.1", pair.log_port), timeout=10) as s:
+        hello = lc.Frame(lc.FrameType.HELLO, 0, payload=lc.json_payload(
+            {"vm": pair.name, "log_version": REPLAY_VERSION - 1, "protocol": 1}))
+        s.sendall(hello.encode())
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    answer = lc.decode(data)
+    assert answer.type == lc.FrameType.REFUSE
+    reason = answer.json()["reason"]
+    assert "0xe0200b" in reason and "0xe0200c" in reason
+    # The backup is unharmed: a real primary still gets protected.
+    pair.start("primary")
+    wait_for(lambda: "VMFT-BOOT-OK" in pair.console("backup"), 120, "replay after the refusal")
+    assert_backup_follows(pair)
+
+
+def test_clean_shutdown_stops_both_and_nobody_goes_live(pair_factory) -> None:
+    pair = pair_factory(workload="shutdown:5")
+    pair.start_both()
+    assert pair.wait_exit("primary", 180) == 0
+    assert pair.wait_exit("backup", 60) == 0
+    primary, backup = pair.console("primary"), pair.console("backup")
+    assert backup == primary and any(line.startswith("tick ") for line in backup)
+    backup_events = [e["event"] for e in pair.events("backup")]
+    assert "shutdown-replayed" in backup_events
+    assert not any("live" in e for e in backup_events)
+    assert [e["cause"] for e in pair.events("backup") if e["event"] == "shutdown-replayed"] == [
+        "guest-shutdown"]

@@ -1,0 +1,114 @@
+"""The replay log reader: event boundaries and icount, on synthetic and real logs."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from pathlib import Path
+
+import pytest
+
+from vmft_qemu import replay_log as rl
+from vmft_qemu.machine import Machine, Role, VMSpec
+
+
+def _ev(kind: int, payload: bytes = b"") -> bytes:
+    return bytes([kind]) + payload
+
+
+def _array(data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + data
+
+
+SAMPLE = b"".join([
+    _ev(rl.CHECKPOINT_FIRST + 7),  # CHECKPOINT_INIT
+    _ev(rl.INSTRUCTION, struct.pack(">I", 1000)),
+    _ev(rl.CLOCK_FIRST + 1, struct.pack(">q", 123456789)),
+    _ev(rl.INTERRUPT),
+    _ev(rl.INSTRUCTION, struct.pack(">I", 250)),
+    _ev(rl.ASYNC_FIRST + 6, b"\x00" + struct.pack(">I", 0) + _array(b"\xaa" * 60)),  # NET
+    _ev(rl.ASYNC_FIRST + 2, struct.pack(">II", 0, 1) + struct.pack(">I", 30) + b"\x01"),  # key
+    _ev(rl.CHAR_WRITE, struct.pack(">II", 5, 5)),
+    _ev(rl.RANDOM, struct.pack(">I", 0) + _array(b"\x01" * 16)),
+    _ev(rl.INSTRUCTION, struct.pack(">I", 7)),
+    _ev(rl.SHUTDOWN_FIRST + 6),  # guest-shutdown
+    _ev(rl.END),
+    struct.pack(">I", rl.REPLAY_VERSION),  # what QEMU appends on a pipe at exit
+])
+
+
+def test_whole_stream_gives_every_event_and_icount() -> None:
+    reader = rl.ReplayLogReader()
+    events = reader.feed(SAMPLE)
+    assert [e.name for e in events] == [
+        "CHECKPOINT_INIT", "INSTRUCTION", "CLOCK_VIRTUAL_RT", "INTERRUPT", "INSTRUCTION",
+        "ASYNC_NET", "ASYNC_INPUT", "CHAR_WRITE", "RANDOM", "INSTRUCTION",
+        "SHUTDOWN_guest-shutdown", "END"]
+    assert events[-1].icount == 1257
+    assert reader.ended and reader.offset == len(SAMPLE) - 4
+    assert [e.end for e in events[:-1]] == [e.offset for e in events[1:]]
+    assert rl.shutdown_cause(events[-2].kind) == "guest-shutdown"
+
+
+def test_byte_at_a_time_gives_the_same_events() -> None:
+    whole = rl.ReplayLogReader().feed(SAMPLE)
+    reader = rl.ReplayLogReader()
+    pieces = [e for i in range(len(SAMPLE)) for e in reader.feed(SAMPLE[i:i + 1])]
+    assert pieces == whole
+
+
+def test_split_returns_only_complete_events_and_keeps_the_rest() -> None:
+    reader = rl.ReplayLogReader()
+    cut = 3  # inside the INSTRUCTION event after the checkpoint
+    complete, events = reader.split(SAMPLE[:cut])
+    assert complete == SAMPLE[:1] and len(events) == 1 and reader.pending == SAMPLE[1:cut]
+
+
+def test_split_refuses_partial_data_or_wrong_icount_without_changing_state() -> None:
+    reader = rl.ReplayLogReader()
+    with pytest.raises(rl.LogFormatError, match="ends inside an event"):
+        reader.split(SAMPLE[:3], whole=True)
+    with pytest.raises(rl.LogFormatError, match="icount 1000, but its frame says 999"):
+        reader.split(SAMPLE[:6], whole=True, icount=999)
+    assert (reader.offset, reader.icount, reader.pending) == (0, 0, b"")
+
+
+def test_unknown_event_kind_is_an_error_naming_the_offset() -> None:
+    with pytest.raises(rl.LogFormatError, match="unknown replay event kind 200 at log offset 1"):
+        rl.ReplayLogReader().feed(b"\x1e\xc8")
+
+
+def test_unknown_log_version_names_both_versions(tmp_path: Path) -> None:
+    log = tmp_path / "old.bin"
+    log.write_bytes(struct.pack(">I", 0xE0200B) + bytes(8) + _ev(rl.END))
+    with pytest.raises(rl.LogVersionError) as err:
+        list(rl.iter_file_events(log))
+    assert "0xe0200b" in str(err.value) and "0xe0200c" in str(err.value)
+
+
+@pytest.mark.qemu
+def test_event_boundaries_add_up_to_qemus_icount(tmp_path: Path, image) -> None:
+    """Record the real guest, stop it, ask QEMU its icount, compare with the log."""
+    rrfile = tmp_path / "record.bin"
+    machine = Machine(VMSpec("reader", 256, image), Role.RECORD, tmp_path, rrfile=rrfile)
+
+    async def record() -> int:
+        await machine.launch()
+        try:
+            qmp = await machine.qmp()
+            async with asyncio.timeout(120):
+                while b"tick 2 " not in machine.paths.console.read_bytes():
+                    await asyncio.sleep(0.2)
+            await qmp.execute("stop")
+            icount = (await qmp.execute("query-replay"))["icount"]
+            await qmp.execute("quit")
+            await asyncio.wait_for(machine.wait(), 30)
+            return icount
+        finally:
+            await machine.stop()
+
+    qemu_icount = asyncio.run(record())
+    events = list(rl.iter_file_events(rrfile))
+    instructions = sum(e.value for e in events if e.kind == rl.INSTRUCTION)
+    assert events[-1].name == "END"
+    assert instructions == events[-1].icount == qemu_icount > 10_000_000

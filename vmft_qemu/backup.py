@@ -1,0 +1,236 @@
+"""The backup: replays the primary's log in lock-step, a little behind.
+
+Paper section 2.1: the backup VM receives the log entries, acknowledges them,
+and replays them so that it executes exactly as the primary did.  Here the
+backup QEMU (`rr=replay`) reads its replay log from a pipe this controller
+feeds.  Every LOG frame is checked twice (the channel's checksum and order,
+then the replay log reader: it must hold whole events and end at the icount
+the frame claims) before a byte of it reaches QEMU; a bad frame is refused and
+the connection closed, and the primary resends from the last ACK.  The pipe
+is never closed under QEMU: a replaying QEMU that sees end-of-file exits.
+
+The backup's position comes from the log it has fed and what QEMU has taken
+of the pipe, not from QMP: a QEMU waiting for log bytes does not answer QMP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+from typing import Any
+
+from . import log_channel as lc
+from .config import FTConfig
+from .events import emit
+from .images import GuestImage
+from .log_pipe import open_fifo, unread_bytes
+from .machine import Machine, Role, VMSpec
+from .replay_log import (REPLAY_VERSION, LogFormatError, ReplayLogReader, shutdown_cause,
+                         version_bytes)
+from .status import SOCKET_NAME, serve
+
+log = logging.getLogger(__name__)
+
+
+class ReplayFeeder:
+    """Writes received log into the replay pipe as fast as QEMU takes it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.queue: collections.deque[tuple[bytes, int, int]] = collections.deque()
+        self.queued_bytes = 0
+        self.written_offset = 0
+        # (end offset, icount) of fed event runs, to map pipe position -> icount
+        self.boundaries: collections.deque[tuple[int, int]] = collections.deque([(0, 0)])
+        self._wake = asyncio.Event()
+
+    def put(self, data: bytes, end_offset: int, icount: int) -> None:
+        self.queue.append((data, end_offset, icount))
+        self.queued_bytes += len(data)
+        self._wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        os.write(self.fd, version_bytes())
+        while True:
+            if not self.queue:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            data, end_offset, icount = self.queue.popleft()
+            view = memoryview(data)
+            while view:
+                try:
+                    n = os.write(self.fd, view)
+                    view = view[n:]
+                except BlockingIOError:
+                    writable = loop.create_future()
+                    loop.add_writer(self.fd, writable.set_result, None)
+                    try:
+                        await writable
+                    finally:
+                        loop.remove_writer(self.fd)
+            self.queued_bytes -= len(data)
+            self.written_offset = end_offset
+            self.boundaries.append((end_offset, icount))
+
+    def replayed(self) -> tuple[int, int]:
+        """(offset, icount) of the last event boundary QEMU has read past.
+
+        QEMU reads the pipe through a 4 KiB stdio buffer, so it may not have
+        executed up to here yet; it cannot be beyond the next boundary.
+        """
+        taken = self.written_offset - unread_bytes(self.fd)
+        while len(self.boundaries) > 1 and self.boundaries[1][0] <= taken:
+            self.boundaries.popleft()
+        return self.boundaries[0]
+
+
+class BackupController:
+    def __init__(self, config: FTConfig, image: GuestImage) -> None:
+        self.config = config
+        self.run_dir = config.backup.run_dir
+        self.machine = Machine(VMSpec.from_config(config, image), Role.REPLAY,
+                               self.run_dir, rrfile=self.run_dir / "replay.fifo")
+        self.reader = ReplayLogReader()
+        self.feeder: ReplayFeeder | None = None
+        self.state = "starting"
+        self.connected = False
+        self.shutdown_cause: str | None = None
+        self.refused = 0
+        self.errors: list[str] = []
+        self._session_task: asyncio.Task[None] | None = None
+
+    # --- the logging channel ---------------------------------------------------
+
+    async def _on_connection(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        # One primary at a time: a new connection replaces the old one.
+        if self._session_task is not None:
+            self._session_task.cancel()
+        self._session_task = asyncio.current_task()
+        peer = writer.get_extra_info("peername")
+        sender = lc.Sender(writer)
+        try:
+            await self._session(reader, sender)
+        except lc.FrameError as e:
+            await self._refuse(sender, e)
+        except LogFormatError as e:
+            await self._refuse(sender, lc.CorruptFrame(f"LOG frame refused: {e}"))
+        except (ConnectionError, EOFError, TimeoutError) as e:
+            self._error(f"log channel from {peer}: {e or type(e).__name__}")
+        finally:
+            self.connected = False
+            writer.close()
+
+    async def _refuse(self, sender: lc.Sender, error: Exception) -> None:
+        self.refused += 1
+        self._error(f"refused: {error}")
+        try:
+            await sender.send(lc.FrameType.REFUSE, payload=lc.json_payload({"reason": str(error)}))
+        except ConnectionError:
+            pass
+
+    async def _session(self, reader: asyncio.StreamReader, sender: lc.Sender) -> None:
+        order = lc.FrameOrder()
+        hello = await asyncio.wait_for(lc.read_frame(reader), 10)
+        order.check(hello)
+        if hello.type != lc.FrameType.HELLO:
+            raise lc.ProtocolMismatch(f"expected HELLO first, got {hello.type.name}")
+        self._check_hello(hello.json())
+        order.next_offset = self.reader.offset
+        await self._ack(sender)
+        self.connected = True
+        self.state = "replaying"
+        emit(log, "primary-connected", resume_offset=self.reader.offset)
+        silence = max(10 * self.config.channel.heartbeat_ms / 1000, 2.0)
+        while True:
+            frame = await asyncio.wait_for(lc.read_frame(reader), silence)
+            order.check(frame)
+            if frame.type == lc.FrameType.LOG:
+                self._accept_log(frame)
+            elif frame.type != lc.FrameType.HEARTBEAT:
+                raise lc.ProtocolMismatch(f"unexpected {frame.type.name} from the primary")
+            await self._ack(sender)
+
+    def _check_hello(self, hello: dict[str, Any]) -> None:
+        if hello.get("vm") != self.config.vm.name:
+            raise lc.ProtocolMismatch(
+                f"primary runs VM {hello.get('vm')!r}, this backup is for {self.config.vm.name!r}")
+        version = hello.get("log_version")
+        if version != REPLAY_VERSION:
+            shown = f"{version:#x}" if isinstance(version, int) else repr(version)
+            raise lc.ProtocolMismatch(
+                f"primary writes replay log version {shown}, this backup's QEMU replays "
+                f"version {REPLAY_VERSION:#x}: refusing its log")
+
+    def _accept_log(self, frame: lc.Frame) -> None:
+        complete, events = self.reader.split(frame.payload, whole=True, icount=frame.icount)
+        for ev in events:
+            cause = shutdown_cause(ev.kind)
+            if cause and self.shutdown_cause is None:
+                self.shutdown_cause = cause
+                emit(log, "primary-shutdown-logged", cause=cause, icount=ev.icount)
+        assert self.feeder is not None
+        self.feeder.put(complete, self.reader.offset, self.reader.icount)
+
+    async def _ack(self, sender: lc.Sender) -> None:
+        assert self.feeder is not None
+        replayed = self.feeder.replayed()
+        await sender.send(lc.FrameType.ACK, self.reader.offset, self.reader.icount,
+                          lc.ACK_PAYLOAD.pack(*replayed))
+
+    # --- status and lifecycle --------------------------------------------------
+
+    def _error(self, message: str) -> None:
+        self.errors = (self.errors + [message])[-20:]
+        emit(log, "channel-error", logging.WARNING, error=message)
+
+    def snapshot(self) -> dict[str, Any]:
+        replayed = self.feeder.replayed() if self.feeder else (0, 0)
+        return {
+            "role": "backup", "vm": self.config.vm.name, "state": self.state,
+            "qemu_pid": self.machine.pid, "controller_pid": os.getpid(),
+            "received": {"offset": self.reader.offset, "icount": self.reader.icount},
+            "replayed": {"offset": replayed[0], "icount": replayed[1]},
+            "backlog_bytes": self.reader.offset - replayed[0],
+            "connected": self.connected, "refused_frames": self.refused,
+            "shutdown_cause": self.shutdown_cause, "errors": self.errors,
+        }
+
+    async def run(self) -> int:
+        """Replay until the primary's guest shuts down; returns the CLI's exit status."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = open_fifo(self.machine.rrfile)
+        self.feeder = ReplayFeeder(fd)
+        feeding = asyncio.create_task(self.feeder.run())
+        status = await serve(self.run_dir / SOCKET_NAME, self.snapshot)
+        channel = await asyncio.start_server(self._on_connection, self.config.backup.address,
+                                             self.config.backup.log_port)
+        emit(log, "listening", address=self.config.backup.address,
+             port=self.config.backup.log_port)
+        try:
+            await self.machine.launch()
+            self.state = "waiting-for-primary"
+            code = await self.machine.wait()
+            emit(log, "qemu-exited", code=code, shutdown_cause=self.shutdown_cause,
+                 icount=self.reader.icount)
+            if self.shutdown_cause is not None:
+                # The primary shut its guest down and we replayed it: not a failure,
+                # so the backup does not go live (paper section 2.3).
+                self.state = "shut-down"
+                emit(log, "shutdown-replayed", cause=self.shutdown_cause)
+                return 0
+            self.state = "failed"
+            self._error(f"replay QEMU exited with {code}: {self.machine.stderr_tail()}")
+            return 1
+        finally:
+            channel.close()
+            status.close()
+            feeding.cancel()
+            if self._session_task is not None:
+                self._session_task.cancel()
+            await self.machine.stop()
+            os.close(fd)

@@ -1,0 +1,179 @@
+"""The `vmft` command: run either side of an FT pair, watch it, build the guest.
+
+    vmft primary --config vm.toml     run the guest under record, ship the log
+    vmft backup  --config vm.toml     replay the primary's log in lock-step
+    vmft status  --config vm.toml     both sides' position, lag, log rate
+    vmft image build                  build the guest kernel, initramfs and disk
+    vmft config example               print an annotated configuration
+    vmft demo                         a guest under FT on this machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+from . import config as cfg
+from . import status as st
+from .events import to_jsonl
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+
+
+def _load_config(path: Path) -> cfg.FTConfig:
+    try:
+        return cfg.load(path)
+    except cfg.ConfigError as e:
+        raise SystemExit(f"vmft: config error: {e}") from None
+
+
+def _run_side(args: argparse.Namespace, role: str) -> int:
+    from .images import ImageMissing, locate
+
+    config = _load_config(args.config)
+    try:
+        image = locate(config.vm.image_cache)
+    except ImageMissing as e:
+        raise SystemExit(f"vmft: {e}") from None
+    if role == "primary":
+        from .primary import PrimaryController as Controller
+        run_dir = config.primary.run_dir
+    else:
+        from .backup import BackupController as Controller  # type: ignore[assignment]
+        run_dir = config.backup.run_dir
+    to_jsonl(run_dir / "events.jsonl", config.vm.name, role)
+    controller = Controller(config, image)
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, controller.machine.terminate)
+        return await controller.run()
+
+    return asyncio.run(main())
+
+
+def cmd_primary(args: argparse.Namespace) -> int:
+    return _run_side(args, "primary")
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    return _run_side(args, "backup")
+
+
+def _status_once(config: cfg.FTConfig) -> dict[str, dict]:
+    found: dict[str, dict] = {}
+    for role, run_dir in (("primary", config.primary.run_dir), ("backup", config.backup.run_dir)):
+        sock = run_dir / st.SOCKET_NAME
+        try:
+            found[role] = st.query(sock)
+        except (OSError, ValueError) as e:
+            found[role] = {"role": role, "state": f"not running here ({sock}: {e})"}
+    return found
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    config = _load_config(args.config)
+    deadline = time.monotonic() + args.watch
+    while True:
+        found = _status_once(config)
+        if args.json:
+            print(json.dumps(found, default=str))
+        else:
+            for snap in found.values():
+                print(st.render(snap) if "recorded" in snap or "received" in snap
+                      else f"{config.vm.name} {snap['role']}: {snap['state']}")
+            print()
+        if time.monotonic() >= deadline:
+            return 0 if all("qemu_pid" in s for s in found.values()) else 1
+        time.sleep(1)
+
+
+def cmd_image(args: argparse.Namespace) -> int:
+    from . import images
+
+    argv = ["build"] + (["--cache", str(args.cache)] if args.cache else [])
+    return images.main(argv + (["--force"] if args.force else []))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    print(cfg.__doc__.split("\n\n", 2)[2].replace("\n    ", "\n").strip())
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(seconds=args.seconds, workdir=args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmft",
+        description="Fault-tolerant VMs on QEMU record/replay, after VMware FT. "
+                    "A primary QEMU records every non-deterministic input into a replay "
+                    "log; a backup QEMU replays it live from a TCP log channel.",
+        epilog="Start the backup first, then the primary, with the same --config. "
+               "`vmft config example` prints a configuration to start from.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def side(name: str, func, text: str) -> None:
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--config", type=Path, required=True, help="the pair's TOML file")
+        p.set_defaults(func=func)
+
+    side("primary", cmd_primary,
+         "Run the guest under icount record and ship its replay log to the backup.")
+    side("backup", cmd_backup,
+         "Listen for the primary's log channel and replay the log live.")
+
+    p = sub.add_parser("status", help="show both sides: icount, lag, log rate, ACK delay",
+                       description="Ask the controllers running on this machine for their "
+                                   "view: each side's icount, the lag in instructions and in "
+                                   "ms of guest time, log bytes/s and ACK delay.")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--json", action="store_true", help="one JSON object per refresh")
+    p.add_argument("--watch", type=float, default=0, metavar="SECONDS",
+                   help="refresh every second for this long")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("image", help="build the guest image",
+                       description="Build the guest (Debian kernel, busybox initramfs, ext4 "
+                                   "disk) from Debian's packages into a cache.")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--cache", type=Path, help="cache directory (default /var/cache/vmft/images)")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=cmd_image)
+
+    p = sub.add_parser("config", help="print an annotated example configuration")
+    p.add_argument("action", choices=["example"])
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("demo", help="run a guest under FT here and show it",
+                       description="Start a backup and a primary on this machine, show live "
+                                   "status, then shut the guest down and compare consoles.")
+    p.add_argument("--seconds", type=float, default=30, help="how long to watch (default 30)")
+    p.add_argument("--workdir", type=Path, default=Path("/run/vmft/demo"))
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The FT pair's configuration: one TOML file describes the VM and both hosts.
+
+Both controllers read the same file, the way the paper's primary and backup VM
+share one VM configuration.  Every value is checked; a bad one is refused with
+an error naming its key and what is allowed.
+
+    [vm]
+    name = "demo"                 # letters, digits, '-', 1..32
+    memory_mib = 256              # 64 .. 4096
+    workload = "ticks"            # ticks | sha256:MIB | shutdown:SECONDS
+    icount_shift = "auto"         # "auto" or 0 .. 10
+    disk = true                   # the guest's ext4 disk, through blkreplay
+    image_cache = "/var/cache/vmft/images"
+    qemu = "qemu-system-x86_64"
+
+    [primary]
+    run_dir = "/run/vmft/demo/primary"
+
+    [backup]
+    run_dir = "/run/vmft/demo/backup"
+    address = "127.0.0.1"         # where the backup listens for the log channel
+    log_port = 7400
+
+    [channel]
+    heartbeat_ms = 100            # heartbeat frames while the log is quiet
+    max_frame_kib = 256           # largest LOG frame
+    reconnect_ms = 200            # primary's pause between connection attempts
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class VMConfig:
+    name: str
+    memory_mib: int
+    workload: str
+    icount_shift: str
+    disk: bool
+    image_cache: Path
+    qemu: str
+
+
+@dataclass(frozen=True)
+class SideConfig:
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    run_dir: Path
+    address: str
+    log_port: int
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    heartbeat_ms: int
+    max_frame_kib: int
+    reconnect_ms: int
+
+
+@dataclass(frozen=True)
+class FTConfig:
+    vm: VMConfig
+    primary: SideConfig
+    backup: BackupConfig
+    channel: ChannelConfig
+    source: str = "<defaults>"
+
+
+# --- checks: each returns the converted value or raises ValueError(allowed) ---
+
+def _int_range(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise ValueError(f"must be an integer from {lo} to {hi}")
+        return v
+    return check
+
+
+def _boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("must be true or false")
+    return v
+
+
+def _string(pattern: str, allowed: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if not isinstance(v, str) or not re.fullmatch(pattern, v):
+            raise ValueError(f"must be {allowed}")
+        return v
+    return check
+
+
+def _path(v: Any) -> Path:
+    if not isinstance(v, str) or not v.startswith("/"):
+        raise ValueError("must be an absolute path")
+    return Path(v)
+
+
+def _address(v: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        raise ValueError("must be an IP address such as 127.0.0.1") from None
+
+
+def _shift(v: Any) -> str:
+    if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10):
+        return str(v)
+    raise ValueError('must be "auto" or an integer from 0 to 10')
+
+
+WORKLOADS = r"ticks|sha256:[1-9][0-9]{0,4}|shutdown:[1-9][0-9]{0,3}"
+
+SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
+    "vm": {
+        "name": (_string(r"[A-Za-z0-9-]{1,32}", "1 to 32 letters, digits or '-'"), "demo"),
+        "memory_mib": (_int_range(64, 4096), 256),
+        "workload": (_string(WORKLOADS, "ticks, sha256:MIB or shutdown:SECONDS"), "ticks"),
+        "icount_shift": (_shift, "auto"),
+        "disk": (_boolean, True),
+        "image_cache": (_path, "/var/cache/vmft/images"),
+        "qemu": (_string(r"[\w./+-]+", "a QEMU binary name or path"), "qemu-system-x86_64"),
+    },
+    "primary": {
+        "run_dir": (_path, "/run/vmft/demo/primary"),
+    },
+    "backup": {
+        "run_dir": (_path, "/run/vmft/demo/backup"),
+        "address": (_address, "127.0.0.1"),
+        "log_port": (_int_range(1, 65535), 7400),
+    },
+    "channel": {
+        "heartbeat_ms": (_int_range(10, 10_000), 100),
+        "max_frame_kib": (_int_range(4, 4096), 256),
+        "reconnect_ms": (_int_range(10, 60_000), 200),
+    },
+}
+
+
+def _section(raw: dict[str, Any], name: str, source: str) -> dict[str, Any]:
+    given = raw.get(name, {})
+    if not isinstance(given, dict):
+        raise ConfigError(f"{source}: [{name}] must be a table")
+    fields = SCHEMA[name]
+    out: dict[str, Any] = {}
+    for key in given:
+        if key not in fields:
+            raise ConfigError(
+                f"{source}: {name}.{key}: unknown key; allowed: {', '.join(fields)}")
+    for key, (check, default) in fields.items():
+        value = given.get(key, default)
+        try:
+            out[key] = check(value)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {name}.{key} = {value!r}: {e}") from None
+    return out
+
+
+def from_dict(raw: dict[str, Any], source: str = "<dict>") -> FTConfig:
+    for name in raw:
+        if name not in SCHEMA:
+            raise ConfigError(
+                f"{source}: [{name}]: unknown section; allowed: {', '.join(SCHEMA)}")
+    vm = _section(raw, "vm", source)
+    primary = _section(raw, "primary", source)
+    backup = _section(raw, "backup", source)
+    if primary["run_dir"] == backup["run_dir"]:
+        raise ConfigError(
+            f"{source}: backup.run_dir = {str(backup['run_dir'])!r}: must differ from "
+            "primary.run_dir (each side keeps its own log pipe and disk)")
+    return FTConfig(
+        vm=VMConfig(**vm),
+        primary=SideConfig(**primary),
+        backup=BackupConfig(**backup),
+        channel=ChannelConfig(**_section(raw, "channel", source)),
+        source=source,
+    )
+
+
+def load(path: Path) -> FTConfig:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    return from_dict(raw, str(path))

@@ -1,0 +1,54 @@
+"""The event log: every state change of a controller as one structured record.
+
+Controllers call `emit(log, "event-name", **fields)`; the record goes through
+`logging` like any other message (so it shows on the terminal) and, where
+`to_jsonl()` installed the handler, as one JSON line in the run directory with
+time, host, VM and role.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+
+def emit(log: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
+    text = " ".join(f"{k}={v}" for k, v in fields.items())
+    log.log(level, "%s %s", event, text, extra={"event": event, "fields": fields})
+
+
+class JsonLinesHandler(logging.Handler):
+    """Writes records that carry an `event` as JSON lines."""
+
+    def __init__(self, path: Path, vm: str, role: str) -> None:
+        super().__init__()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", buffering=1)
+        self._static = {"host": socket.gethostname(), "vm": vm, "role": role}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        event = getattr(record, "event", None)
+        if event is None:
+            return
+        line = {"time": round(time.time(), 6), "event": event,
+                "level": record.levelname.lower(), **self._static,
+                **getattr(record, "fields", {})}
+        self._file.write(json.dumps(line, default=str) + "\n")
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def to_jsonl(path: Path, vm: str, role: str) -> JsonLinesHandler:
+    handler = JsonLinesHandler(path, vm, role)
+    logging.getLogger("vmft_qemu").addHandler(handler)
+    return handler
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,239 @@
+"""The virtual machine: one QEMU process, launched the same way on both sides.
+
+The paper's primary and backup are the same VM on two hosts: same virtual
+hardware, one executing, one replaying.  `command_line()` builds QEMU's
+arguments from one `VMSpec` for every role, so the device configuration can
+never differ between them (a replay with even one extra device hangs, see
+qemu-rr-facts.md); only the record/replay mode and the per-host paths change.
+`Machine` starts that QEMU, watches it with psutil and talks QMP to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import enum
+import logging
+import signal
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+from qemu.qmp import QMPClient
+
+from .config import FTConfig
+from .images import GuestImage
+
+log = logging.getLogger(__name__)
+
+
+class Role(enum.Enum):
+    """How the QEMU executes: the FT roles plus the baselines the benchmarks use."""
+
+    PLAIN = "plain"  # TCG without icount
+    ICOUNT = "icount"  # TCG with icount, no record/replay
+    RECORD = "record"  # the primary: executes and writes the replay log
+    REPLAY = "replay"  # the backup: re-executes from the replay log
+
+
+@dataclass(frozen=True)
+class VMSpec:
+    """Everything that defines the virtual hardware and the guest."""
+
+    name: str
+    memory_mib: int
+    image: GuestImage
+    workload: str = "ticks"
+    icount_shift: str = "auto"
+    disk: bool = True
+    qemu: str = "qemu-system-x86_64"
+    extra_append: str = ""
+
+    @classmethod
+    def from_config(cls, config: FTConfig, image: GuestImage) -> "VMSpec":
+        vm = config.vm
+        return cls(name=vm.name, memory_mib=vm.memory_mib, image=image,
+                   workload=vm.workload, icount_shift=vm.icount_shift, disk=vm.disk,
+                   qemu=vm.qemu)
+
+    @property
+    def append(self) -> str:
+        args = f"console=ttyS0 panic=-1 quiet vmft.workload={self.workload}"
+        return f"{args} {self.extra_append}".strip()
+
+
+@dataclass(frozen=True)
+class MachinePaths:
+    """Where one side keeps its QEMU's files."""
+
+    run_dir: Path
+
+    @property
+    def qmp(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def console(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.run_dir / "qemu.log"
+
+    @property
+    def disk(self) -> Path:
+        return self.run_dir / "disk.qcow2"
+
+    @property
+    def snapshots(self) -> Path:
+        return self.run_dir / "snapshots.qcow2"
+
+
+def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
+                 rrfile: Path | None = None) -> list[str]:
+    """QEMU's arguments for `spec` in `role`; identical devices in every role."""
+    args = [
+        spec.qemu, "-name", spec.name, "-machine", "q35", "-cpu", "qemu64",
+        "-m", str(spec.memory_mib), "-nodefaults", "-no-user-config",
+        "-display", "none",
+        "-kernel", str(spec.image.kernel), "-initrd", str(spec.image.initrd),
+        "-append", spec.append,
+        "-chardev", f"file,id=console,path={paths.console}", "-serial", "chardev:console",
+        "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        # A qcow2 drive no device uses: where savevm puts the VM state.
+        "-drive", f"file={paths.snapshots},if=none,id=rr,format=qcow2",
+    ]
+    if spec.disk:
+        # Block I/O completions go through blkreplay so they are in the log.
+        args += [
+            "-drive", f"file={paths.disk},if=none,id=disk0-img,format=qcow2",
+            "-drive", "driver=blkreplay,if=none,image=disk0-img,id=disk0",
+            "-device", "virtio-blk-pci,drive=disk0",
+        ]
+    if role is not Role.PLAIN:
+        icount = f"shift={spec.icount_shift}"
+        if role in (Role.RECORD, Role.REPLAY):
+            if rrfile is None:
+                raise ValueError(f"role {role.value} needs a replay log file")
+            mode = "record" if role is Role.RECORD else "replay"
+            icount += f",rr={mode},rrfile={rrfile}"
+        args += ["-icount", icount]
+    return args
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the controller dies, so no QEMU outlives it."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _qemu_img(*args: str) -> None:
+    subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True)
+
+
+class Machine:
+    """One QEMU process of the FT pair (or of a benchmark baseline)."""
+
+    def __init__(self, spec: VMSpec, role: Role, run_dir: Path,
+                 rrfile: Path | None = None) -> None:
+        self.spec = spec
+        self.role = role
+        self.paths = MachinePaths(run_dir)
+        self.rrfile = rrfile
+        self.process: asyncio.subprocess.Process | None = None
+        self.ps: psutil.Process | None = None
+        self._qmp: QMPClient | None = None
+
+    def prepare(self) -> None:
+        """Create the run directory, the snapshot drive and this side's disk copy."""
+        self.paths.run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in (self.paths.qmp, self.paths.console, self.paths.disk,
+                      self.paths.snapshots):
+            stale.unlink(missing_ok=True)
+        _qemu_img("create", "-f", "qcow2", str(self.paths.snapshots), "16M")
+        if self.spec.disk:
+            _qemu_img("create", "-f", "qcow2", "-F", "raw", "-b",
+                      str(self.spec.image.rootfs), str(self.paths.disk))
+
+    @property
+    def args(self) -> list[str]:
+        return command_line(self.spec, self.role, self.paths, self.rrfile)
+
+    async def launch(self) -> None:
+        self.prepare()
+        with open(self.paths.qemu_log, "wb") as qlog:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.args, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog,
+                preexec_fn=_die_with_parent)
+        self.ps = psutil.Process(self.process.pid)
+        log.info("qemu started", extra={"event": "qemu-started", "role": self.role.value,
+                                        "pid": self.process.pid})
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    async def wait(self) -> int:
+        assert self.process is not None
+        return await self.process.wait()
+
+    async def qmp(self, timeout: float = 30.0) -> QMPClient:
+        """A connected QMP client (the socket appears once QEMU is set up)."""
+        if self._qmp is None:
+            client = QMPClient(f"{self.spec.name}-{self.role.value}")
+            async with asyncio.timeout(timeout):
+                while True:
+                    if not self.running():
+                        raise RuntimeError(f"QEMU exited: {self.stderr_tail()}")
+                    try:
+                        await client.connect(str(self.paths.qmp))
+                        break
+                    except Exception:  # socket not there yet
+                        await asyncio.sleep(0.05)
+            self._qmp = client
+        return self._qmp
+
+    def stderr_tail(self, lines: int = 5) -> str:
+        try:
+            text = self.paths.qemu_log.read_text(errors="replace").strip()
+        except OSError:
+            return ""
+        return " | ".join(text.splitlines()[-lines:])
+
+    def cpu_percent(self) -> float:
+        try:
+            return self.ps.cpu_percent() if self.ps else 0.0
+        except psutil.Error:
+            return 0.0
+
+    def terminate(self) -> None:
+        """Ask QEMU to shut down (SIGTERM: under record it logs the shutdown)."""
+        if self.running():
+            assert self.process is not None
+            self.process.terminate()
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout`; always reaps the process."""
+        if self._qmp is not None:
+            try:
+                await asyncio.wait_for(self._qmp.disconnect(), 1.0)
+            except Exception:  # QEMU may be gone or unresponsive
+                pass
+            self._qmp = None
+        if not self.running():
+            return
+        assert self.process is not None
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                self.process.send_signal(sig)
+            except ProcessLookupError:
+                break
+            try:
+                await asyncio.wait_for(self.process.wait(), timeout)
+                return
+            except TimeoutError:
+                continue

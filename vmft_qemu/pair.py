@@ -1,0 +1,136 @@
+"""An FT pair on one machine: a backup and a primary controller as processes.
+
+What `vmft demo`, the benchmarks and the tests use to run both sides here,
+each side a separate `vmft` process as it would be on its own host.  Every
+process is started in its own session and stopped by process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import status
+
+ROLES = ("primary", "backup")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
+    """Poll `condition` until it returns something true; TimeoutError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+    return result
+
+
+class LocalPair:
+    """Both controllers of one VM, run from one directory."""
+
+    def __init__(self, root: Path, workload: str = "ticks", name: str | None = None,
+                 log_port: int | None = None, primary_target_port: int | None = None) -> None:
+        self.root = root
+        self.log_port = log_port or free_port()
+        self.name = name or f"vm{self.log_port}"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        root.mkdir(parents=True, exist_ok=True)
+        # The backup listens on log_port; the primary connects to
+        # primary_target_port when something (a fault proxy) sits between them.
+        target = primary_target_port or self.log_port
+        for role, port in (("primary", target), ("backup", self.log_port)):
+            self.config(role).write_text(
+                f'[vm]\nname = "{self.name}"\nworkload = "{workload}"\n'
+                f'[primary]\nrun_dir = "{self.run_dir("primary")}"\n'
+                f'[backup]\nrun_dir = "{self.run_dir("backup")}"\nlog_port = {port}\n')
+
+    def config(self, role: str) -> Path:
+        return self.root / f"{role}.toml"
+
+    def run_dir(self, role: str) -> Path:
+        return self.root / role
+
+    def console(self, role: str) -> list[str]:
+        try:
+            return (self.run_dir(role) / "console.log").read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def output(self, role: str) -> str:
+        return (self.root / f"{role}.out").read_text(errors="replace")
+
+    def start(self, role: str) -> None:
+        with open(self.root / f"{role}.out", "wb") as out:
+            self.procs[role] = subprocess.Popen(
+                [sys.executable, "-m", "vmft_qemu", role, "--config", str(self.config(role))],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+
+    def start_both(self, timeout: float = 30) -> None:
+        """Backup first (it listens), then the primary."""
+        self.start("backup")
+        wait_for(lambda: self.alive("backup") and self.status("backup"), timeout,
+                 "the backup controller to answer")
+        self.start("primary")
+
+    def alive(self, role: str) -> bool:
+        proc = self.procs[role]
+        if proc.poll() is not None:
+            raise RuntimeError(f"{role} controller exited with {proc.returncode}: "
+                               f"{self.output(role)[-2000:]}")
+        return True
+
+    def status(self, role: str) -> dict[str, Any]:
+        """The controller's snapshot, or {} while it is not answering."""
+        try:
+            return status.query(self.run_dir(role) / status.SOCKET_NAME, timeout=2)
+        except (OSError, ValueError):
+            return {}
+
+    def events(self, role: str) -> list[dict[str, Any]]:
+        path = self.run_dir(role) / "events.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+    def wait_exit(self, role: str, timeout: float) -> int:
+        return self.procs[role].wait(timeout)
+
+    def shutdown(self, timeout: float = 60) -> dict[str, int]:
+        """Clean stop: SIGTERM the primary; the backup replays the shutdown."""
+        self.procs["primary"].send_signal(signal.SIGTERM)
+        return {role: self.procs[role].wait(timeout) for role in ROLES if role in self.procs}
+
+    def stop(self) -> None:
+        """Stop everything this pair started, whatever state it is in."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(5)
+        for role in ROLES:
+            for pid in _pids_using(self.run_dir(role) / "qmp.sock"):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _pids_using(marker: Path) -> list[int]:
+    """QEMUs whose command line names `marker` (left over after a controller died)."""
+    found = subprocess.run(["pgrep", "-f", str(marker)], capture_output=True, text=True)
+    return [int(pid) for pid in found.stdout.split()]

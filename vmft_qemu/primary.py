@@ -1,0 +1,307 @@
+"""The primary: runs the guest under record and ships its log to the backup.
+
+Paper section 2.1: the primary VM executes, every input it receives goes into
+log entries, and the entries are sent over the logging channel to the backup.
+Here QEMU (`rr=record`) writes its replay log into a pipe; this controller
+splits it into complete events, keeps every byte the backup has not yet
+acknowledged (the retained log), sends it as LOG frames and tracks the ACKs.
+If the connection breaks it reconnects and resends from the backup's last ACK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import log_channel as lc
+from .config import FTConfig
+from .events import emit
+from .images import GuestImage
+from .log_pipe import open_fifo
+from .machine import Machine, Role, VMSpec
+from .replay_log import CLOCK_VIRTUAL_RT, REPLAY_VERSION, ReplayLogReader, shutdown_cause
+from .status import SOCKET_NAME, RateMeter, serve
+
+log = logging.getLogger(__name__)
+
+
+class ChannelRefused(Exception):
+    """The backup refused this primary (wrong VM, log version, ...)."""
+
+
+@dataclass(frozen=True)
+class Position:
+    offset: int = 0
+    icount: int = 0
+
+    def json(self) -> dict[str, int]:
+        return {"offset": self.offset, "icount": self.icount}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Complete events read from the record pipe in one go."""
+
+    offset: int
+    data: bytes
+    icount: int  # icount at the segment's end
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.data)
+
+
+class RetainedLog:
+    """The log the backup has not acknowledged yet, in complete-event segments."""
+
+    def __init__(self) -> None:
+        self.segments: collections.deque[Segment] = collections.deque()
+        self.nbytes = 0
+        self.start = 0  # offset of the first retained byte
+
+    def append(self, segment: Segment) -> None:
+        self.segments.append(segment)
+        self.nbytes += len(segment.data)
+
+    def release(self, upto: int) -> None:
+        """Forget everything the backup acknowledged (ends at or before `upto`)."""
+        while self.segments and self.segments[0].end <= upto:
+            gone = self.segments.popleft()
+            self.nbytes -= len(gone.data)
+            self.start = gone.end
+        if not self.segments:
+            self.start = max(self.start, upto)
+
+    def frame_from(self, offset: int, max_bytes: int) -> Segment | None:
+        """The log from `offset` (a segment boundary) as one frame-sized segment."""
+        parts: list[Segment] = []
+        size = 0
+        for seg in self.segments:
+            if seg.end <= offset:
+                continue
+            if seg.offset != offset and not parts:
+                raise ValueError(f"offset {offset} is not an event boundary of the retained log")
+            if parts and size + len(seg.data) > max_bytes:
+                break
+            parts.append(seg)
+            size += len(seg.data)
+        if not parts:
+            return None
+        return Segment(parts[0].offset, b"".join(p.data for p in parts), parts[-1].icount)
+
+
+class PrimaryController:
+    def __init__(self, config: FTConfig, image: GuestImage) -> None:
+        self.config = config
+        self.run_dir = config.primary.run_dir
+        self.machine = Machine(VMSpec.from_config(config, image), Role.RECORD,
+                               self.run_dir, rrfile=self.run_dir / "record.fifo")
+        self.reader = ReplayLogReader()
+        self.retained = RetainedLog()
+        self.acked = Position()
+        self.backup_replayed = Position()
+        self.state = "starting"
+        self.connected = False
+        self.shutdown_cause: str | None = None
+        self.errors: list[str] = []
+        self.ack_delay_ms: float | None = None
+        self._sent_at: collections.deque[tuple[int, float]] = collections.deque()
+        self._new_log = asyncio.Event()
+        self._acked_changed = asyncio.Event()
+        self._icount_rate = RateMeter()
+        self._byte_rate = RateMeter()
+        # (log offset, VIRTUAL_RT clock in ns) where the clock was read: maps the
+        # backup's replay position to the primary's time there.
+        self._clock_marks: collections.deque[tuple[int, int]] = collections.deque()
+
+    # --- the record pipe -------------------------------------------------------
+
+    def _on_record_readable(self, fd: int) -> None:
+        while True:
+            try:
+                data = os.read(fd, 1 << 16)
+            except BlockingIOError:
+                return
+            if not data:
+                return
+            self._take_log(data)
+
+    def _take_log(self, data: bytes) -> None:
+        start = self.reader.offset
+        complete, events = self.reader.split(data)
+        if not events:
+            return
+        self.retained.append(Segment(start, complete, self.reader.icount))
+        self._icount_rate.add(self.reader.icount)
+        self._byte_rate.add(self.reader.offset)
+        for ev in events:
+            if ev.kind == CLOCK_VIRTUAL_RT and ev.value is not None:
+                self._clock_marks.append((ev.end, ev.value))
+            cause = shutdown_cause(ev.kind)
+            if cause and self.shutdown_cause is None:
+                self.shutdown_cause = cause
+                emit(log, "guest-shutdown", cause=cause, icount=ev.icount)
+        self._new_log.set()
+
+    # --- the logging channel ---------------------------------------------------
+
+    async def _ship_forever(self) -> None:
+        addr, port = self.config.backup.address, self.config.backup.log_port
+        pause = self.config.channel.reconnect_ms / 1000
+        while True:
+            try:
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(addr, port), 5)
+            except (OSError, TimeoutError):
+                await asyncio.sleep(pause)
+                continue
+            try:
+                await self._session(reader, writer)
+            except (lc.FrameError, ConnectionError, EOFError, ChannelRefused) as e:
+                self._error(f"log channel to {addr}:{port}: {e}")
+            finally:
+                self.connected = False
+                writer.close()
+            await asyncio.sleep(pause)
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sender = lc.Sender(writer)
+        await sender.send(lc.FrameType.HELLO, payload=lc.json_payload({
+            "vm": self.config.vm.name, "log_version": REPLAY_VERSION,
+            "protocol": lc.PROTOCOL_VERSION, "pid": os.getpid()}))
+        order = lc.FrameOrder()
+        welcome = await asyncio.wait_for(lc.read_frame(reader), 10)
+        order.check(welcome)
+        if welcome.type == lc.FrameType.REFUSE:
+            raise ChannelRefused(welcome.json().get("reason", "no reason given"))
+        if welcome.type != lc.FrameType.ACK:
+            raise lc.ProtocolMismatch(f"expected ACK after HELLO, got {welcome.type.name}")
+        self._on_ack(welcome)
+        if welcome.offset < self.retained.start:
+            raise ChannelRefused(
+                f"backup has the log up to offset {welcome.offset} but the primary keeps "
+                f"it only from {self.retained.start}: the backup must be re-created")
+        self.connected = True
+        self.state = "protected"
+        emit(log, "backup-connected", resume_offset=welcome.offset)
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._send_log(sender, welcome.offset))
+            tasks.create_task(self._read_acks(reader, order))
+
+    async def _send_log(self, sender: lc.Sender, offset: int) -> None:
+        heartbeat = self.config.channel.heartbeat_ms / 1000
+        max_bytes = self.config.channel.max_frame_kib * 1024
+        self._sent_at.clear()
+        while True:
+            self._new_log.clear()
+            segment = self.retained.frame_from(offset, max_bytes)
+            if segment is None:
+                try:
+                    await asyncio.wait_for(self._new_log.wait(), heartbeat)
+                except TimeoutError:
+                    await sender.send(lc.FrameType.HEARTBEAT, offset, self.reader.icount)
+                continue
+            await sender.send(lc.FrameType.LOG, segment.offset, segment.icount, segment.data)
+            self._sent_at.append((segment.end, time.monotonic()))
+            offset = segment.end
+
+    async def _read_acks(self, reader: asyncio.StreamReader, order: lc.FrameOrder) -> None:
+        silence = max(10 * self.config.channel.heartbeat_ms / 1000, 2.0)
+        while True:
+            frame = await asyncio.wait_for(lc.read_frame(reader), silence)
+            order.check(frame)
+            if frame.type == lc.FrameType.REFUSE:
+                raise ChannelRefused(frame.json().get("reason", "no reason given"))
+            if frame.type == lc.FrameType.ACK:
+                self._on_ack(frame)
+
+    def _on_ack(self, frame: lc.Frame) -> None:
+        if frame.offset > self.reader.offset:
+            raise lc.ProtocolMismatch(
+                f"ACK for offset {frame.offset} beyond the log recorded so far ({self.reader.offset})")
+        self.acked = Position(frame.offset, frame.icount)
+        if len(frame.payload) == lc.ACK_PAYLOAD.size:
+            self.backup_replayed = Position(*lc.ACK_PAYLOAD.unpack(frame.payload))
+        self.retained.release(frame.offset)
+        sent_at = None
+        while self._sent_at and self._sent_at[0][0] <= frame.offset:
+            sent_at = self._sent_at.popleft()[1]
+        if sent_at is not None:
+            self.ack_delay_ms = (time.monotonic() - sent_at) * 1000
+        self._acked_changed.set()
+
+    # --- status and lifecycle --------------------------------------------------
+
+    def _error(self, message: str) -> None:
+        self.errors = (self.errors + [message])[-20:]
+        emit(log, "channel-error", logging.WARNING, error=message)
+
+    def lag_ms(self) -> float:
+        """How far behind the backup is, in the primary's clock: the last clock
+        value the primary recorded minus the last one the backup has replayed."""
+        marks, replayed = self._clock_marks, self.backup_replayed.offset
+        while len(marks) > 1 and marks[1][0] <= replayed:
+            marks.popleft()
+        return (marks[-1][1] - marks[0][1]) / 1e6 if marks else 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        recorded = Position(self.reader.offset, self.reader.icount)
+        lag = max(0, recorded.icount - self.backup_replayed.icount)
+        return {
+            "role": "primary", "vm": self.config.vm.name, "state": self.state,
+            "qemu_pid": self.machine.pid, "controller_pid": os.getpid(),
+            "recorded": recorded.json(), "acked": self.acked.json(),
+            "backup_replayed": self.backup_replayed.json(),
+            "lag_insns": lag, "lag_ms": self.lag_ms(),
+            "icount_per_s": self._icount_rate.rate(),
+            "log_bytes_per_s": self._byte_rate.rate(),
+            "ack_delay_ms": self.ack_delay_ms, "retained_bytes": self.retained.nbytes,
+            "connected": self.connected, "shutdown_cause": self.shutdown_cause,
+            "errors": self.errors,
+        }
+
+    async def _wait_acked(self, offset: int, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                while self.acked.offset < offset:
+                    self._acked_changed.clear()
+                    await self._acked_changed.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def run(self) -> int:
+        """Run until the guest shuts down; returns the exit status for the CLI."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = open_fifo(self.machine.rrfile)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(fd, self._on_record_readable, fd)
+        server = await serve(self.run_dir / SOCKET_NAME, self.snapshot)
+        shipper = asyncio.create_task(self._ship_forever())
+        try:
+            await self.machine.launch()
+            emit(log, "recording", qemu_pid=self.machine.pid)
+            self.state = "unprotected"
+            code = await self.machine.wait()
+            self._on_record_readable(fd)  # whatever QEMU wrote last
+            emit(log, "qemu-exited", code=code, shutdown_cause=self.shutdown_cause,
+                 icount=self.reader.icount, log_bytes=self.reader.offset)
+            if code != 0 or not self.reader.ended:
+                self.state = "failed"
+                self._error(f"record QEMU exited with {code}: {self.machine.stderr_tail()}")
+                return 1
+            self.state = "shutting-down"
+            delivered = await self._wait_acked(self.reader.offset, 30)
+            self.state = "shut-down"
+            emit(log, "shutdown-complete", backup_has_all=delivered)
+            return 0
+        finally:
+            shipper.cancel()
+            loop.remove_reader(fd)
+            server.close()
+            await self.machine.stop()
+            os.close(fd)

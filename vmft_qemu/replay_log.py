@@ -1,0 +1,310 @@
+"""The replay log: QEMU's record of every non-deterministic input.
+
+This is the paper's "log entries" (section 2.1): QEMU in `rr=record` writes one
+event per non-deterministic input (interrupt, clock read, packet, disk
+completion, ...) and an instruction-count event before each of them, so a
+replaying QEMU can deliver every input at exactly the same instruction.
+
+The reader splits a byte stream of that log into complete events and knows the
+instruction count (icount) at every event boundary.  It never guesses: a
+partial event stays pending until its last byte has arrived, and an unknown
+event kind or log version is an error.  The format follows QEMU's
+`replay/replay-internal.h` for log version 0xe0200c (QEMU 7.2 to 10.0):
+big-endian integers, arrays as a 4-byte length followed by the bytes.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+# Log versions this reader understands, with the QEMU releases that write them.
+SUPPORTED_VERSIONS: dict[int, str] = {0xE0200C: "QEMU 7.2 .. 10.0"}
+REPLAY_VERSION = 0xE0200C
+# On a regular file QEMU writes a 12-byte header (version + 8 bytes of zero).
+# On a pipe its seek fails and only events arrive; a replaying QEMU must then be
+# sent just the 4 version bytes before the events (see qemu-rr-facts.md).
+FILE_HEADER_SIZE = 12
+
+# Event kinds of log version 0xe0200c (enum ReplayEvents).
+INSTRUCTION = 0
+INTERRUPT = 1
+EXCEPTION = 2
+ASYNC_FIRST, ASYNC_LAST = 3, 9  # BH, BH_ONESHOT, INPUT, INPUT_SYNC, CHAR_READ, BLOCK, NET
+SHUTDOWN_FIRST, SHUTDOWN_LAST = 10, 21  # EVENT_SHUTDOWN + ShutdownCause
+CHAR_WRITE = 22
+CHAR_READ_ALL = 23
+CHAR_READ_ALL_ERROR = 24
+AUDIO_OUT = 25
+AUDIO_IN = 26
+RANDOM = 27
+CLOCK_FIRST, CLOCK_LAST = 28, 29  # HOST, VIRTUAL_RT
+CLOCK_VIRTUAL_RT = 29  # the clock icount warps follow: the guest's time base
+CHECKPOINT_FIRST, CHECKPOINT_LAST = 30, 38
+END = 39
+
+_ASYNC_NAMES = ("BH", "BH_ONESHOT", "INPUT", "INPUT_SYNC", "CHAR_READ", "BLOCK", "NET")
+_SHUTDOWN_CAUSES = (
+    "none", "host-error", "host-qmp-quit", "host-qmp-system-reset", "host-signal",
+    "host-ui", "guest-shutdown", "guest-reset", "guest-panic", "subsystem-reset",
+    "snapshot-load", "max",
+)
+_CLOCK_NAMES = ("HOST", "VIRTUAL_RT")
+_CHECKPOINT_NAMES = (
+    "CLOCK_WARP_START", "CLOCK_WARP_ACCOUNT", "RESET_REQUESTED", "SUSPEND_REQUESTED",
+    "CLOCK_VIRTUAL", "CLOCK_HOST", "CLOCK_VIRTUAL_RT", "INIT", "RESET",
+)
+
+
+class LogFormatError(ValueError):
+    """The bytes are not a replay log this reader can follow."""
+
+
+class LogVersionError(LogFormatError):
+    """The log was written by a QEMU whose log version we do not know."""
+
+    def __init__(self, found: int, expected: int = REPLAY_VERSION) -> None:
+        known = ", ".join(f"{v:#x} ({q})" for v, q in SUPPORTED_VERSIONS.items())
+        super().__init__(
+            f"replay log version {found:#x} is not supported: this vmft reads "
+            f"{expected:#x}; known versions: {known}"
+        )
+        self.found = found
+        self.expected = expected
+
+
+def check_version(version: int) -> None:
+    """Refuse a log version we cannot parse."""
+    if version not in SUPPORTED_VERSIONS:
+        raise LogVersionError(version)
+
+
+def version_bytes(version: int = REPLAY_VERSION) -> bytes:
+    """The 4 bytes a replaying QEMU reads first from a pipe."""
+    return struct.pack(">I", version)
+
+
+def event_name(kind: int) -> str:
+    """QEMU's name for an event kind (as in replay_event_name())."""
+    if kind == INSTRUCTION:
+        return "INSTRUCTION"
+    if ASYNC_FIRST <= kind <= ASYNC_LAST:
+        return "ASYNC_" + _ASYNC_NAMES[kind - ASYNC_FIRST]
+    if SHUTDOWN_FIRST <= kind <= SHUTDOWN_LAST:
+        return "SHUTDOWN_" + _SHUTDOWN_CAUSES[kind - SHUTDOWN_FIRST]
+    if CLOCK_FIRST <= kind <= CLOCK_LAST:
+        return "CLOCK_" + _CLOCK_NAMES[kind - CLOCK_FIRST]
+    if CHECKPOINT_FIRST <= kind <= CHECKPOINT_LAST:
+        return "CHECKPOINT_" + _CHECKPOINT_NAMES[kind - CHECKPOINT_FIRST]
+    simple = {
+        INTERRUPT: "INTERRUPT", EXCEPTION: "EXCEPTION", CHAR_WRITE: "CHAR_WRITE",
+        CHAR_READ_ALL: "CHAR_READ_ALL", CHAR_READ_ALL_ERROR: "CHAR_READ_ALL_ERROR",
+        AUDIO_OUT: "AUDIO_OUT", AUDIO_IN: "AUDIO_IN", RANDOM: "RANDOM", END: "END",
+    }
+    if kind in simple:
+        return simple[kind]
+    raise LogFormatError(f"unknown replay event kind {kind}")
+
+
+def shutdown_cause(kind: int) -> str | None:
+    """The ShutdownCause of a SHUTDOWN event, or None for any other event."""
+    if SHUTDOWN_FIRST <= kind <= SHUTDOWN_LAST:
+        return _SHUTDOWN_CAUSES[kind - SHUTDOWN_FIRST]
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One complete event: where it lies in the log and the icount after it."""
+
+    kind: int
+    offset: int  # stream offset of its first byte
+    end: int  # stream offset just past its last byte
+    icount: int  # guest instructions executed when this event is replayed
+    value: int | None = None  # instruction count or clock value, if any
+
+    @property
+    def name(self) -> str:
+        return event_name(self.kind)
+
+
+# --- payload sizes -------------------------------------------------------------
+# Each returns the payload length starting at `pos`, or None if more bytes are
+# needed to know it.
+
+_Sizer = Callable[[bytes, int], "int | None"]
+
+
+def _u32(buf: bytes, pos: int) -> int | None:
+    if pos + 4 > len(buf):
+        return None
+    return int.from_bytes(buf[pos:pos + 4], "big")
+
+
+def _u64(buf: bytes, pos: int) -> int | None:
+    if pos + 8 > len(buf):
+        return None
+    return int.from_bytes(buf[pos:pos + 8], "big")
+
+
+def _fixed(n: int) -> _Sizer:
+    return lambda buf, pos: n
+
+
+def _array_after(prefix: int) -> _Sizer:
+    """`prefix` fixed bytes, then a 4-byte length and that many bytes."""
+
+    def size(buf: bytes, pos: int) -> int | None:
+        length = _u32(buf, pos + prefix)
+        return None if length is None else prefix + 4 + length
+
+    return size
+
+
+# Input event payloads (replay-input.c) by InputEventKind.
+_INPUT_SIZES = {1: 5, 2: 12, 3: 12, 4: 32}  # btn, rel, abs, mtt
+_KEY_SIZES = {0: 9, 1: 5}  # KeyValueKind number, qcode
+
+
+def _input_size(buf: bytes, pos: int) -> int | None:
+    kind = _u32(buf, pos)
+    if kind is None:
+        return None
+    if kind == 0:  # key: key type, then its value and a down byte
+        key_type = _u32(buf, pos + 4)
+        if key_type is None:
+            return None
+        if key_type not in _KEY_SIZES:
+            raise LogFormatError(f"unknown key value kind {key_type} in input event")
+        return 8 + _KEY_SIZES[key_type]
+    if kind not in _INPUT_SIZES:
+        raise LogFormatError(f"unknown input event kind {kind}")
+    return 4 + _INPUT_SIZES[kind]
+
+
+def _audio_in_size(buf: bytes, pos: int) -> int | None:
+    recorded = _u64(buf, pos)
+    return None if recorded is None else 16 + 16 * recorded
+
+
+_ASYNC_SIZES: tuple[_Sizer, ...] = (
+    _fixed(8),  # BH: id
+    _fixed(8),  # BH_ONESHOT: id
+    _input_size,  # INPUT
+    _fixed(0),  # INPUT_SYNC
+    _array_after(1),  # CHAR_READ: chardev id, data
+    _fixed(8),  # BLOCK: request id
+    _array_after(5),  # NET: filter id, flags, packet
+)
+
+
+def _payload_sizer(kind: int) -> _Sizer:
+    if kind == INSTRUCTION:
+        return _fixed(4)
+    if ASYNC_FIRST <= kind <= ASYNC_LAST:
+        return _ASYNC_SIZES[kind - ASYNC_FIRST]
+    if CLOCK_FIRST <= kind <= CLOCK_LAST:
+        return _fixed(8)
+    if (kind in (INTERRUPT, EXCEPTION, END)
+            or SHUTDOWN_FIRST <= kind <= SHUTDOWN_LAST
+            or CHECKPOINT_FIRST <= kind <= CHECKPOINT_LAST):
+        return _fixed(0)
+    others: dict[int, _Sizer] = {
+        CHAR_WRITE: _fixed(8),
+        CHAR_READ_ALL: _array_after(0),
+        CHAR_READ_ALL_ERROR: _fixed(4),
+        AUDIO_OUT: _fixed(8),
+        AUDIO_IN: _audio_in_size,
+        RANDOM: _array_after(4),
+    }
+    if kind in others:
+        return others[kind]
+    raise LogFormatError(f"unknown replay event kind {kind}")
+
+
+_SIZERS: tuple[_Sizer, ...] = tuple(_payload_sizer(k) for k in range(END + 1))
+
+
+class ReplayLogReader:
+    """Incremental splitter of a replay log stream into complete events.
+
+    `feed()` takes bytes as they arrive and returns the events completed by
+    them.  `offset` is the stream offset just past the last complete event,
+    `icount` the instruction count there, and `pending` the bytes of an event
+    still incomplete.  After the END event the stream is over; QEMU may append
+    its 4 version bytes there when it finishes writing to a pipe.
+    """
+
+    def __init__(self, offset: int = 0, icount: int = 0) -> None:
+        self.offset = offset
+        self.icount = icount
+        self.ended = False
+        self.events_seen = 0
+        self._pending = b""
+
+    @property
+    def pending(self) -> bytes:
+        return self._pending
+
+    def feed(self, data: bytes) -> list[Event]:
+        return self.split(data)[1]
+
+    def split(self, data: bytes, whole: bool = False,
+              icount: int | None = None) -> tuple[bytes, list[Event]]:
+        """Take `data`; return the bytes of the events it completes, and them.
+
+        With `whole`, `data` must end on an event boundary; with `icount`, the
+        instruction count there must be that.  Nothing changes if it raises.
+        """
+        buf = self._pending + data if self._pending else bytes(data)
+        events: list[Event] = []
+        pos, n = 0, len(buf)
+        offset, count, ended = self.offset, self.icount, self.ended
+        while pos < n and not ended:
+            kind = buf[pos]
+            if kind > END:
+                raise LogFormatError(f"unknown replay event kind {kind} at log offset {offset}")
+            size = _SIZERS[kind](buf, pos + 1)
+            if size is None or pos + 1 + size > n:
+                break
+            value = None
+            if kind == INSTRUCTION:
+                value = int.from_bytes(buf[pos + 1:pos + 5], "big")
+                count += value
+            elif CLOCK_FIRST <= kind <= CLOCK_LAST:
+                value = int.from_bytes(buf[pos + 1:pos + 9], "big", signed=True)
+            end = offset + 1 + size
+            events.append(Event(kind, offset, end, count, value))
+            offset = end
+            pos += 1 + size
+            ended = kind == END
+        if whole and pos != n and not ended:
+            raise LogFormatError(
+                f"log data ends inside an event at offset {offset} ({n - pos} bytes left over)")
+        if icount is not None and count != icount:
+            raise LogFormatError(
+                f"log data ends at icount {count}, but its frame says {icount}")
+        self.offset, self.icount, self.ended = offset, count, ended
+        self._pending = b"" if ended else buf[pos:]
+        self.events_seen += len(events)
+        return buf[:pos], events
+
+
+def read_file_header(header: bytes) -> int:
+    """Check a log file's 12-byte header; returns its version."""
+    if len(header) < FILE_HEADER_SIZE:
+        raise LogFormatError(f"replay log file too short for its header ({len(header)} bytes)")
+    version = int.from_bytes(header[:4], "big")
+    check_version(version)
+    return version
+
+
+def iter_file_events(path: Path, chunk: int = 1 << 16) -> Iterator[Event]:
+    """All complete events of a recorded log file (QEMU's on-disk format)."""
+    with open(path, "rb") as f:
+        read_file_header(f.read(FILE_HEADER_SIZE))
+        reader = ReplayLogReader()
+        while data := f.read(chunk):
+            yield from reader.feed(data)
