@@ -25,6 +25,14 @@ def _read_exact(sock: socket.socket, n: int) -> bytes | None:
     return buf
 
 
+def _hang_up(*socks: socket.socket) -> None:
+    for s in socks:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class FaultProxy:
     def __init__(self, target_port: int, mode: str, at: int = 20) -> None:
         assert mode in MODES
@@ -49,8 +57,12 @@ class FaultProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
+            try:
+                backend = socket.create_connection(("127.0.0.1", self.target_port))
+            except OSError:  # the backup is not listening (yet): the primary retries
+                client.close()
+                continue
             self.connections += 1
-            backend = socket.create_connection(("127.0.0.1", self.target_port))
             self._sockets += [client, backend]
             damage = self.connections == 1
             threading.Thread(target=self._pipe_raw, args=(backend, client), daemon=True).start()
@@ -64,11 +76,7 @@ class FaultProxy:
                 dst.sendall(data)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _hang_up(src, dst)
 
     def _pipe_frames(self, src: socket.socket, dst: socket.socket, damage: bool) -> None:
         logs = 0
@@ -84,8 +92,8 @@ class FaultProxy:
                 logs += is_log
                 if damage and is_log and logs == self.at and length > 8:
                     frame = self._damage(frame, dst)
-                    if frame is None:  # truncated: connection is gone
-                        break
+                    if frame is None:  # truncated and half-closed: the backup hangs up
+                        return
                     if self.mode == "reorder":
                         held, frame = frame, b""
                 elif held is not None and is_log:
@@ -93,11 +101,7 @@ class FaultProxy:
                 dst.sendall(frame)
         except OSError:
             pass
-        for s in (src, dst):
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        _hang_up(src, dst)
 
     def _damage(self, frame: bytes, dst: socket.socket) -> bytes | None:
         self.injected.set()

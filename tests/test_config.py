@@ -24,7 +24,7 @@ def test_defaults_are_valid() -> None:
     ({"primary": {"run_dir": "relative"}}, "primary.run_dir = 'relative': must be an absolute"),
     ({"primary": {"run_dir": "/x"}, "backup": {"run_dir": "/x"}}, "must differ from"),
     ({"vm": {"icount_shift": 11}}, 'vm.icount_shift = 11: must be "auto" or an integer'),
-    ({"chanel": {}}, "[chanel]: unknown section; allowed: vm, primary, backup, channel"),
+    ({"chanel": {}}, "[chanel]: unknown section; allowed: vm, primary, backup, lag, channel"),
 ])
 def test_bad_values_name_the_key(raw: dict, message: str) -> None:
     with pytest.raises(cfg.ConfigError) as err:

@@ -20,39 +20,37 @@ def _ticks(lines: list[str]) -> list[str]:
     return [line for line in lines if line.startswith("tick ")]
 
 
-def assert_backup_follows(pair: LocalPair, max_behind: int = 3) -> tuple[list[str], list[str]]:
-    """The backup's console is an exact prefix of the primary's, a few lines behind."""
+def assert_backup_is_prefix(pair: LocalPair) -> tuple[list[str], list[str]]:
+    """The backup's console so far is an exact prefix of the primary's."""
     primary, backup = pair.console("primary"), pair.console("backup")
-    # The last line of either may be half written; compare complete lines.
-    backup_done = backup[:-1]
-    assert backup_done == primary[: len(backup_done)], "backup console diverged"
-    assert len(primary) - len(backup) <= max_behind, (
-        f"backup {len(primary) - len(backup)} lines behind")
+    done = backup[:-1]  # the last line may be half written
+    assert done == primary[: len(done)], "backup console diverged from the primary's"
     return primary, backup
 
 
 def test_pair_runs_60_s_in_lock_step(pair_factory) -> None:
     pair = pair_factory()
     pair.start_both()
-    wait_for(lambda: "VMFT-BOOT-OK" in pair.console("backup"), 120, "the backup to replay the boot")
-    lags: list[int] = []
+    wait_for(lambda: "VMFT-BOOT-OK" in pair.console("backup"), 180, "the backup to replay the boot")
+    # Lag control slows the primary until the backup has caught up with the boot.
+    wait_for(lambda: pair.status("primary")["lag_ms"] < 500, 120, "the backup to catch up")
+    lags: list[float] = []
     start = time.monotonic()
     while time.monotonic() - start < 60:
         snap = pair.status("primary")
         assert snap["connected"], snap["errors"]
-        lags.append(snap["lag_insns"])
+        lags.append(snap["lag_ms"])
+        primary, backup = assert_backup_is_prefix(pair)
+        assert len(primary) - len(backup) <= 3, f"backup {len(primary) - len(backup)} lines behind"
         time.sleep(1)
     final = pair.status("primary")
-    # Settle: give the backup a moment to replay what it already has, then compare.
-    wait_for(lambda: len(_ticks(pair.console("primary"))) - len(_ticks(pair.console("backup"))) <= 1,
-             10, "the backup to catch up to within one tick")
-    primary, backup = assert_backup_follows(pair)
-    assert len(_ticks(backup)) >= 40, "guest should print a tick a second"
-    # Bounded lag: never more than 2 s of guest execution behind.
-    limit = 2 * final["icount_per_s"]
-    assert max(lags) < limit, f"lag peaked at {max(lags)} instructions (limit {limit:.0f})"
     assert final["log_bytes_per_s"] > 0 and final["ack_delay_ms"] is not None
     assert pair.status("backup")["refused_frames"] == 0
+    assert max(lags) < 1000, f"lag reached {max(lags):.0f} ms of guest time"
+    assert len(_ticks(pair.console("backup"))) >= 50, "the guest prints a tick a second"
+    # The end: stop the primary cleanly; the backup replays up to the last line.
+    assert pair.shutdown() == {"primary": 0, "backup": 0}
+    assert pair.console("backup") == pair.console("primary")
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -66,7 +64,7 @@ def test_damaged_frame_is_refused_and_replay_goes_on(pair_factory, mode: str) ->
         expected = {"corrupt": "checksum", "truncate": "connection closed",
                     "duplicate": "duplicate LOG frame", "reorder": "out-of-order LOG frame"}[mode]
         errors = wait_for(lambda: [e for e in pair.status("backup")["errors"] if expected in e],
-                          30, f"the backup to report the {mode}ed frame")
+                          30, f"the backup to report the {mode} fault")
         assert errors
         # The primary reconnects and the replay carries on, still identical.
         wait_for(lambda: proxy.connections >= 2 and pair.status("primary")["connected"], 30,
@@ -74,8 +72,10 @@ def test_damaged_frame_is_refused_and_replay_goes_on(pair_factory, mode: str) ->
         seen = len(_ticks(pair.console("backup")))
         wait_for(lambda: len(_ticks(pair.console("backup"))) >= seen + 3, 60,
                  "the backup to replay three more ticks")
-        assert_backup_follows(pair)
-        assert any(e["event"] == "channel-error" for e in pair.events("backup"))
+        assert_backup_is_prefix(pair)
+        assert pair.status("backup")["refused_frames"] == 1
+        assert pair.shutdown() == {"primary": 0, "backup": 0}
+        assert pair.console("backup") == pair.console("primary")
     finally:
         proxy.close()
 
@@ -97,8 +97,8 @@ def test_wrong_log_version_is_refused(pair_factory) -> None:
     assert "0xe0200b" in reason and "0xe0200c" in reason
     # The backup is unharmed: a real primary still gets protected.
     pair.start("primary")
-    wait_for(lambda: "VMFT-BOOT-OK" in pair.console("backup"), 120, "replay after the refusal")
-    assert_backup_follows(pair)
+    wait_for(lambda: "VMFT-BOOT-OK" in pair.console("backup"), 180, "replay after the refusal")
+    assert_backup_is_prefix(pair)
 
 
 def test_clean_shutdown_stops_both_and_nobody_goes_live(pair_factory) -> None:

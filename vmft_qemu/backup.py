@@ -27,8 +27,7 @@ from .events import emit
 from .images import GuestImage
 from .log_pipe import open_fifo, unread_bytes
 from .machine import Machine, Role, VMSpec
-from .replay_log import (REPLAY_VERSION, LogFormatError, ReplayLogReader, shutdown_cause,
-                         version_bytes)
+from .replay_log import REPLAY_VERSION, LogFormatError, ReplayLogReader, version_bytes
 from .status import SOCKET_NAME, serve
 
 log = logging.getLogger(__name__)
@@ -167,12 +166,11 @@ class BackupController:
                 f"version {REPLAY_VERSION:#x}: refusing its log")
 
     def _accept_log(self, frame: lc.Frame) -> None:
-        complete, events = self.reader.split(frame.payload, whole=True, icount=frame.icount)
-        for ev in events:
-            cause = shutdown_cause(ev.kind)
-            if cause and self.shutdown_cause is None:
-                self.shutdown_cause = cause
-                emit(log, "primary-shutdown-logged", cause=cause, icount=ev.icount)
+        complete = self.reader.split(frame.payload, whole=True, icount=frame.icount)
+        if self.reader.shutdown and self.shutdown_cause is None:
+            self.shutdown_cause = self.reader.shutdown
+            emit(log, "primary-shutdown-logged", cause=self.shutdown_cause,
+                 icount=self.reader.icount)
         assert self.feeder is not None
         self.feeder.put(complete, self.reader.offset, self.reader.icount)
 
@@ -206,9 +204,9 @@ class BackupController:
         fd = open_fifo(self.machine.rrfile)
         self.feeder = ReplayFeeder(fd)
         feeding = asyncio.create_task(self.feeder.run())
-        status = await serve(self.run_dir / SOCKET_NAME, self.snapshot)
         channel = await asyncio.start_server(self._on_connection, self.config.backup.address,
                                              self.config.backup.log_port)
+        status = await serve(self.run_dir / SOCKET_NAME, self.snapshot)  # answers once listening
         emit(log, "listening", address=self.config.backup.address,
              port=self.config.backup.log_port)
         try:

@@ -8,7 +8,7 @@ an error naming its key and what is allowed.
     name = "demo"                 # letters, digits, '-', 1..32
     memory_mib = 256              # 64 .. 4096
     workload = "ticks"            # ticks | sha256:MIB | shutdown:SECONDS
-    icount_shift = "auto"         # "auto" or 0 .. 10
+    icount_shift = 3              # "auto" or 0 .. 10 (3: 8 ns per instruction)
     disk = true                   # the guest's ext4 disk, through blkreplay
     image_cache = "/var/cache/vmft/images"
     qemu = "qemu-system-x86_64"
@@ -20,6 +20,10 @@ an error naming its key and what is allowed.
     run_dir = "/run/vmft/demo/backup"
     address = "127.0.0.1"         # where the backup listens for the log channel
     log_port = 7400
+
+    [lag]
+    target_ms = 100               # backup at most this far behind (primary's clock)
+    control = true                # slow the primary down when the backup lags
 
     [channel]
     heartbeat_ms = 100            # heartbeat frames while the log is quiet
@@ -65,6 +69,12 @@ class BackupConfig:
 
 
 @dataclass(frozen=True)
+class LagConfig:
+    target_ms: int
+    control: bool
+
+
+@dataclass(frozen=True)
 class ChannelConfig:
     heartbeat_ms: int
     max_frame_kib: int
@@ -76,6 +86,7 @@ class FTConfig:
     vm: VMConfig
     primary: SideConfig
     backup: BackupConfig
+    lag: LagConfig
     channel: ChannelConfig
     source: str = "<defaults>"
 
@@ -130,7 +141,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "name": (_string(r"[A-Za-z0-9-]{1,32}", "1 to 32 letters, digits or '-'"), "demo"),
         "memory_mib": (_int_range(64, 4096), 256),
         "workload": (_string(WORKLOADS, "ticks, sha256:MIB or shutdown:SECONDS"), "ticks"),
-        "icount_shift": (_shift, "auto"),
+        "icount_shift": (_shift, 3),
         "disk": (_boolean, True),
         "image_cache": (_path, "/var/cache/vmft/images"),
         "qemu": (_string(r"[\w./+-]+", "a QEMU binary name or path"), "qemu-system-x86_64"),
@@ -142,6 +153,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "run_dir": (_path, "/run/vmft/demo/backup"),
         "address": (_address, "127.0.0.1"),
         "log_port": (_int_range(1, 65535), 7400),
+    },
+    "lag": {
+        "target_ms": (_int_range(10, 60_000), 100),
+        "control": (_boolean, True),
     },
     "channel": {
         "heartbeat_ms": (_int_range(10, 10_000), 100),
@@ -186,6 +201,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> FTConfig:
         vm=VMConfig(**vm),
         primary=SideConfig(**primary),
         backup=BackupConfig(**backup),
+        lag=LagConfig(**_section(raw, "lag", source)),
         channel=ChannelConfig(**_section(raw, "channel", source)),
         source=source,
     )

@@ -45,7 +45,7 @@ class VMSpec:
     memory_mib: int
     image: GuestImage
     workload: str = "ticks"
-    icount_shift: str = "auto"
+    icount_shift: str = "3"
     disk: bool = True
     qemu: str = "qemu-system-x86_64"
     extra_append: str = ""

@@ -16,18 +16,32 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Coroutine
 
 from . import log_channel as lc
 from .config import FTConfig
 from .events import emit
 from .images import GuestImage
+from .lag_control import LagControl
 from .log_pipe import open_fifo
 from .machine import Machine, Role, VMSpec
-from .replay_log import CLOCK_VIRTUAL_RT, REPLAY_VERSION, ReplayLogReader, shutdown_cause
+from .replay_log import REPLAY_VERSION, ReplayLogReader
 from .status import SOCKET_NAME, RateMeter, serve
 
 log = logging.getLogger(__name__)
+
+
+async def first_failure(*coros: Coroutine[Any, Any, None]) -> None:
+    """Run `coros` together until one ends; cancel the rest; re-raise its error."""
+    tasks = [asyncio.create_task(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    for task in done:
+        task.result()
 
 
 class ChannelRefused(Exception):
@@ -113,10 +127,11 @@ class PrimaryController:
         self._sent_at: collections.deque[tuple[int, float]] = collections.deque()
         self._new_log = asyncio.Event()
         self._acked_changed = asyncio.Event()
+        self.lag_control = LagControl(config.lag.target_ms)
         self._icount_rate = RateMeter()
         self._byte_rate = RateMeter()
-        # (log offset, VIRTUAL_RT clock in ns) where the clock was read: maps the
-        # backup's replay position to the primary's time there.
+        # (log offset, guest clock in ns) after each segment's last clock read:
+        # maps the backup's replay position to the primary's time there.
         self._clock_marks: collections.deque[tuple[int, int]] = collections.deque()
 
     # --- the record pipe -------------------------------------------------------
@@ -133,19 +148,18 @@ class PrimaryController:
 
     def _take_log(self, data: bytes) -> None:
         start = self.reader.offset
-        complete, events = self.reader.split(data)
-        if not events:
+        complete = self.reader.split(data)
+        if not complete:
             return
         self.retained.append(Segment(start, complete, self.reader.icount))
         self._icount_rate.add(self.reader.icount)
         self._byte_rate.add(self.reader.offset)
-        for ev in events:
-            if ev.kind == CLOCK_VIRTUAL_RT and ev.value is not None:
-                self._clock_marks.append((ev.end, ev.value))
-            cause = shutdown_cause(ev.kind)
-            if cause and self.shutdown_cause is None:
-                self.shutdown_cause = cause
-                emit(log, "guest-shutdown", cause=cause, icount=ev.icount)
+        clock = self.reader.clock
+        if clock and (not self._clock_marks or self._clock_marks[-1] != clock):
+            self._clock_marks.append(clock)
+        if self.reader.shutdown and self.shutdown_cause is None:
+            self.shutdown_cause = self.reader.shutdown
+            emit(log, "guest-shutdown", cause=self.shutdown_cause, icount=self.reader.icount)
         self._new_log.set()
 
     # --- the logging channel ---------------------------------------------------
@@ -188,9 +202,7 @@ class PrimaryController:
         self.connected = True
         self.state = "protected"
         emit(log, "backup-connected", resume_offset=welcome.offset)
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._send_log(sender, welcome.offset))
-            tasks.create_task(self._read_acks(reader, order))
+        await first_failure(self._send_log(sender, welcome.offset), self._read_acks(reader, order))
 
     async def _send_log(self, sender: lc.Sender, offset: int) -> None:
         heartbeat = self.config.channel.heartbeat_ms / 1000
@@ -260,6 +272,7 @@ class PrimaryController:
             "icount_per_s": self._icount_rate.rate(),
             "log_bytes_per_s": self._byte_rate.rate(),
             "ack_delay_ms": self.ack_delay_ms, "retained_bytes": self.retained.nbytes,
+            "throttle_share": self.lag_control.share, "throttle_reason": self.lag_control.reason,
             "connected": self.connected, "shutdown_cause": self.shutdown_cause,
             "errors": self.errors,
         }
@@ -281,11 +294,15 @@ class PrimaryController:
         loop = asyncio.get_running_loop()
         loop.add_reader(fd, self._on_record_readable, fd)
         server = await serve(self.run_dir / SOCKET_NAME, self.snapshot)
-        shipper = asyncio.create_task(self._ship_forever())
+        background = [asyncio.create_task(self._ship_forever())]
         try:
             await self.machine.launch()
             emit(log, "recording", qemu_pid=self.machine.pid)
             self.state = "unprotected"
+            if self.config.lag.control:
+                assert self.machine.pid is not None
+                background.append(asyncio.create_task(self.lag_control.run(
+                    self.machine.pid, self.lag_ms, lambda: self.connected)))
             code = await self.machine.wait()
             self._on_record_readable(fd)  # whatever QEMU wrote last
             emit(log, "qemu-exited", code=code, shutdown_cause=self.shutdown_cause,
@@ -300,7 +317,9 @@ class PrimaryController:
             emit(log, "shutdown-complete", backup_has_all=delivered)
             return 0
         finally:
-            shipper.cancel()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             loop.remove_reader(fd)
             server.close()
             await self.machine.stop()

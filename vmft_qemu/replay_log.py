@@ -108,13 +108,6 @@ def event_name(kind: int) -> str:
     raise LogFormatError(f"unknown replay event kind {kind}")
 
 
-def shutdown_cause(kind: int) -> str | None:
-    """The ShutdownCause of a SHUTDOWN event, or None for any other event."""
-    if SHUTDOWN_FIRST <= kind <= SHUTDOWN_LAST:
-        return _SHUTDOWN_CAUSES[kind - SHUTDOWN_FIRST]
-    return None
-
-
 @dataclass(frozen=True, slots=True)
 class Event:
     """One complete event: where it lies in the log and the icount after it."""
@@ -131,8 +124,8 @@ class Event:
 
 
 # --- payload sizes -------------------------------------------------------------
-# Each returns the payload length starting at `pos`, or None if more bytes are
-# needed to know it.
+# A kind's payload size is an int when fixed, else a sizer: a function giving
+# the size from the payload's first bytes (at `pos`), or None if more are needed.
 
 _Sizer = Callable[[bytes, int], "int | None"]
 
@@ -147,10 +140,6 @@ def _u64(buf: bytes, pos: int) -> int | None:
     if pos + 8 > len(buf):
         return None
     return int.from_bytes(buf[pos:pos + 8], "big")
-
-
-def _fixed(n: int) -> _Sizer:
-    return lambda buf, pos: n
 
 
 def _array_after(prefix: int) -> _Sizer:
@@ -189,52 +178,58 @@ def _audio_in_size(buf: bytes, pos: int) -> int | None:
     return None if recorded is None else 16 + 16 * recorded
 
 
-_ASYNC_SIZES: tuple[_Sizer, ...] = (
-    _fixed(8),  # BH: id
-    _fixed(8),  # BH_ONESHOT: id
+_ASYNC_SIZES: tuple[int | _Sizer, ...] = (
+    8,  # BH: id
+    8,  # BH_ONESHOT: id
     _input_size,  # INPUT
-    _fixed(0),  # INPUT_SYNC
+    0,  # INPUT_SYNC
     _array_after(1),  # CHAR_READ: chardev id, data
-    _fixed(8),  # BLOCK: request id
+    8,  # BLOCK: request id
     _array_after(5),  # NET: filter id, flags, packet
 )
 
 
-def _payload_sizer(kind: int) -> _Sizer:
+def _payload_size(kind: int) -> int | _Sizer:
     if kind == INSTRUCTION:
-        return _fixed(4)
+        return 4
     if ASYNC_FIRST <= kind <= ASYNC_LAST:
         return _ASYNC_SIZES[kind - ASYNC_FIRST]
     if CLOCK_FIRST <= kind <= CLOCK_LAST:
-        return _fixed(8)
+        return 8
     if (kind in (INTERRUPT, EXCEPTION, END)
             or SHUTDOWN_FIRST <= kind <= SHUTDOWN_LAST
             or CHECKPOINT_FIRST <= kind <= CHECKPOINT_LAST):
-        return _fixed(0)
-    others: dict[int, _Sizer] = {
-        CHAR_WRITE: _fixed(8),
+        return 0
+    others: dict[int, int | _Sizer] = {
+        CHAR_WRITE: 8,
         CHAR_READ_ALL: _array_after(0),
-        CHAR_READ_ALL_ERROR: _fixed(4),
-        AUDIO_OUT: _fixed(8),
+        CHAR_READ_ALL_ERROR: 4,
+        AUDIO_OUT: 8,
         AUDIO_IN: _audio_in_size,
         RANDOM: _array_after(4),
     }
-    if kind in others:
-        return others[kind]
-    raise LogFormatError(f"unknown replay event kind {kind}")
+    return others[kind]
 
 
-_SIZERS: tuple[_Sizer, ...] = tuple(_payload_sizer(k) for k in range(END + 1))
+# For the scanning loop: each byte value's fixed payload size, or VARIABLE
+# (ask _SIZERS) or UNKNOWN (no such event kind).
+VARIABLE, UNKNOWN = -1, -2
+_SIZES = [_payload_size(k) for k in range(END + 1)]
+_FIXED: tuple[int, ...] = tuple(
+    s if isinstance(s, int) else VARIABLE for s in _SIZES) + (UNKNOWN,) * (255 - END)
+_SIZERS: dict[int, _Sizer] = {k: s for k, s in enumerate(_SIZES) if not isinstance(s, int)}
 
 
 class ReplayLogReader:
     """Incremental splitter of a replay log stream into complete events.
 
-    `feed()` takes bytes as they arrive and returns the events completed by
-    them.  `offset` is the stream offset just past the last complete event,
-    `icount` the instruction count there, and `pending` the bytes of an event
-    still incomplete.  After the END event the stream is over; QEMU may append
-    its 4 version bytes there when it finishes writing to a pipe.
+    `split()` takes bytes as they arrive and returns the bytes of the events
+    they complete.  `offset` is the stream offset just past the last complete
+    event, `icount` the instruction count there, `pending` the bytes of an
+    event still incomplete, `clock` the last guest clock (VIRTUAL_RT, ns) read
+    and the offset just past it, and `shutdown` the first shutdown event's
+    cause.  After the END event the stream is over (QEMU may append its 4
+    version bytes there when it finishes writing to a pipe).
     """
 
     def __init__(self, offset: int = 0, icount: int = 0) -> None:
@@ -242,6 +237,8 @@ class ReplayLogReader:
         self.icount = icount
         self.ended = False
         self.events_seen = 0
+        self.clock: tuple[int, int] | None = None  # (offset after it, ns)
+        self.shutdown: str | None = None
         self._pending = b""
 
     @property
@@ -249,47 +246,64 @@ class ReplayLogReader:
         return self._pending
 
     def feed(self, data: bytes) -> list[Event]:
-        return self.split(data)[1]
+        """Take `data`; return the events it completes."""
+        events: list[Event] = []
+        self.split(data, events=events)
+        return events
 
-    def split(self, data: bytes, whole: bool = False,
-              icount: int | None = None) -> tuple[bytes, list[Event]]:
-        """Take `data`; return the bytes of the events it completes, and them.
+    def split(self, data: bytes, whole: bool = False, icount: int | None = None,
+              events: list[Event] | None = None) -> bytes:
+        """Take `data`; return the bytes of the events it completes.
 
         With `whole`, `data` must end on an event boundary; with `icount`, the
-        instruction count there must be that.  Nothing changes if it raises.
+        instruction count there must be that; with `events`, every complete
+        event is appended to it.  Nothing changes if it raises.
         """
         buf = self._pending + data if self._pending else bytes(data)
-        events: list[Event] = []
-        pos, n = 0, len(buf)
-        offset, count, ended = self.offset, self.icount, self.ended
+        fixed, base = _FIXED, self.offset
+        pos, n, count, seen = 0, len(buf), self.icount, 0
+        clock, shutdown, ended = self.clock, self.shutdown, self.ended
         while pos < n and not ended:
             kind = buf[pos]
-            if kind > END:
-                raise LogFormatError(f"unknown replay event kind {kind} at log offset {offset}")
-            size = _SIZERS[kind](buf, pos + 1)
-            if size is None or pos + 1 + size > n:
+            size = fixed[kind]
+            if size < 0:
+                if size == UNKNOWN:
+                    raise LogFormatError(
+                        f"unknown replay event kind {kind} at log offset {base + pos}")
+                size = _SIZERS[kind](buf, pos + 1)
+                if size is None:
+                    break
+            end = pos + 1 + size
+            if end > n:
                 break
             value = None
             if kind == INSTRUCTION:
-                value = int.from_bytes(buf[pos + 1:pos + 5], "big")
+                value = (buf[pos + 1] << 24) | (buf[pos + 2] << 16) | (buf[pos + 3] << 8) | buf[pos + 4]
                 count += value
-            elif CLOCK_FIRST <= kind <= CLOCK_LAST:
-                value = int.from_bytes(buf[pos + 1:pos + 9], "big", signed=True)
-            end = offset + 1 + size
-            events.append(Event(kind, offset, end, count, value))
-            offset = end
-            pos += 1 + size
-            ended = kind == END
+            elif kind == CLOCK_VIRTUAL_RT:
+                value = int.from_bytes(buf[pos + 1:end], "big", signed=True)
+                clock = (base + end, value)
+            elif kind >= SHUTDOWN_FIRST:
+                if kind <= SHUTDOWN_LAST and shutdown is None:
+                    shutdown = _SHUTDOWN_CAUSES[kind - SHUTDOWN_FIRST]
+                ended = kind == END
+            if events is not None:
+                if kind == CLOCK_FIRST:
+                    value = int.from_bytes(buf[pos + 1:end], "big", signed=True)
+                events.append(Event(kind, base + pos, base + end, count, value))
+            seen += 1
+            pos = end
         if whole and pos != n and not ended:
             raise LogFormatError(
-                f"log data ends inside an event at offset {offset} ({n - pos} bytes left over)")
+                f"log data ends inside an event at offset {base + pos} ({n - pos} bytes left over)")
         if icount is not None and count != icount:
             raise LogFormatError(
                 f"log data ends at icount {count}, but its frame says {icount}")
-        self.offset, self.icount, self.ended = offset, count, ended
+        self.offset, self.icount, self.ended = base + pos, count, ended
+        self.clock, self.shutdown = clock, shutdown
         self._pending = b"" if ended else buf[pos:]
-        self.events_seen += len(events)
-        return buf[:pos], events
+        self.events_seen += seen
+        return buf[:pos]
 
 
 def read_file_header(header: bytes) -> int:

@@ -89,6 +89,7 @@ def render(status: dict[str, Any]) -> str:
             f"{_num(status['recorded']['offset'])} bytes so far, "
             f"{_num(status['retained_bytes'])} not yet acknowledged",
             f"  ACK delay        {_num(status['ack_delay_ms'], ' ms')}",
+            f"  lag control      {status['throttle_reason']}",
             f"  backup           {'connected' if status['connected'] else 'NOT connected'}",
         ]
     else:
