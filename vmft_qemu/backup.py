@@ -29,6 +29,7 @@ from .log_pipe import open_fifo, unread_bytes
 from .machine import Machine, Role, VMSpec
 from .replay_log import REPLAY_VERSION, LogFormatError, ReplayLogReader, version_bytes
 from .status import SOCKET_NAME, serve
+from .vnic import open_guest_port
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,10 @@ class BackupController:
             await self._refuse(sender, e)
         except LogFormatError as e:
             await self._refuse(sender, lc.CorruptFrame(f"LOG frame refused: {e}"))
-        except (ConnectionError, EOFError, TimeoutError) as e:
-            self._error(f"log channel from {peer}: {e or type(e).__name__}")
+        except TimeoutError:
+            self._error(f"log channel from {peer}: the primary went silent")
+        except (OSError, EOFError) as e:
+            self._error(f"log channel from {peer}: {e}")
         finally:
             self.connected = False
             writer.close()
@@ -209,6 +212,10 @@ class BackupController:
         status = await serve(self.run_dir / SOCKET_NAME, self.snapshot)  # answers once listening
         emit(log, "listening", address=self.config.backup.address,
              port=self.config.backup.log_port)
+        # The replaying guest's NIC: filter-replay drops its output; nothing of
+        # it may reach the LAN, so the controller's end just exists.
+        guest = open_guest_port(self.machine.paths.controller_net,
+                                self.machine.paths.guest_net) if self.machine.spec.mac else None
         try:
             await self.machine.launch()
             self.state = "waiting-for-primary"
@@ -228,6 +235,8 @@ class BackupController:
             channel.close()
             status.close()
             feeding.cancel()
+            if guest is not None:
+                guest.close()
             if self._session_task is not None:
                 self._session_task.cancel()
             await self.machine.stop()

@@ -12,12 +12,16 @@ an error naming its key and what is allowed.
     disk = true                   # the guest's ext4 disk, through blkreplay
     image_cache = "/var/cache/vmft/images"
     qemu = "qemu-system-x86_64"
+    mac = "52:54:00:77:00:10"     # the guest's NIC ("" for none)
+    ip = "192.168.77.10/24"       # the guest's address on the LAN
 
     [primary]
     run_dir = "/run/vmft/demo/primary"
+    tap = "vmft0"                 # this host's TAP on the LAN ("" for none)
 
     [backup]
     run_dir = "/run/vmft/demo/backup"
+    tap = "vmft0"
     address = "127.0.0.1"         # where the backup listens for the log channel
     log_port = 7400
 
@@ -54,16 +58,20 @@ class VMConfig:
     disk: bool
     image_cache: Path
     qemu: str
+    mac: str
+    ip: str
 
 
 @dataclass(frozen=True)
 class SideConfig:
     run_dir: Path
+    tap: str
 
 
 @dataclass(frozen=True)
 class BackupConfig:
     run_dir: Path
+    tap: str
     address: str
     log_port: int
 
@@ -134,6 +142,10 @@ def _shift(v: Any) -> str:
     raise ValueError('must be "auto" or an integer from 0 to 10')
 
 
+_MAC = r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"
+_IP_PREFIX = r"(\d{1,3}\.){3}\d{1,3}/\d{1,2}"
+_IFNAME = r"[A-Za-z0-9_.-]{0,15}"
+_IFNAME_TEXT = 'a network interface name of at most 15 characters, or ""'
 WORKLOADS = r"ticks|sha256:[1-9][0-9]{0,4}|shutdown:[1-9][0-9]{0,3}"
 
 SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
@@ -145,12 +157,17 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "disk": (_boolean, True),
         "image_cache": (_path, "/var/cache/vmft/images"),
         "qemu": (_string(r"[\w./+-]+", "a QEMU binary name or path"), "qemu-system-x86_64"),
+        "mac": (_string(_MAC + r"|", "a MAC address like 52:54:00:77:00:10, or \"\""), ""),
+        "ip": (_string(_IP_PREFIX + r"|", "an IPv4 address with prefix like 192.168.77.10/24, "
+                                           "or \"\""), ""),
     },
     "primary": {
         "run_dir": (_path, "/run/vmft/demo/primary"),
+        "tap": (_string(_IFNAME, _IFNAME_TEXT), ""),
     },
     "backup": {
         "run_dir": (_path, "/run/vmft/demo/backup"),
+        "tap": (_string(_IFNAME, _IFNAME_TEXT), ""),
         "address": (_address, "127.0.0.1"),
         "log_port": (_int_range(1, 65535), 7400),
     },
@@ -193,6 +210,11 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> FTConfig:
     vm = _section(raw, "vm", source)
     primary = _section(raw, "primary", source)
     backup = _section(raw, "backup", source)
+    if bool(vm["mac"]) != bool(vm["ip"]):
+        raise ConfigError(f"{source}: vm.mac and vm.ip: give both (the guest has a NIC) or neither")
+    if vm["mac"] and not (primary["tap"] and backup["tap"]):
+        raise ConfigError(f"{source}: primary.tap and backup.tap: the guest has a NIC, so each "
+                          "host needs the TAP device its controller puts on the LAN")
     if primary["run_dir"] == backup["run_dir"]:
         raise ConfigError(
             f"{source}: backup.run_dir = {str(backup['run_dir'])!r}: must differ from "

@@ -49,17 +49,21 @@ class VMSpec:
     disk: bool = True
     qemu: str = "qemu-system-x86_64"
     extra_append: str = ""
+    mac: str | None = None  # the guest's NIC; None: no network
+    ip: str | None = None  # the guest's address/prefix, e.g. 192.168.77.10/24
 
     @classmethod
     def from_config(cls, config: FTConfig, image: GuestImage) -> "VMSpec":
         vm = config.vm
         return cls(name=vm.name, memory_mib=vm.memory_mib, image=image,
                    workload=vm.workload, icount_shift=vm.icount_shift, disk=vm.disk,
-                   qemu=vm.qemu)
+                   qemu=vm.qemu, mac=vm.mac or None, ip=vm.ip or None)
 
     @property
     def append(self) -> str:
         args = f"console=ttyS0 panic=-1 quiet vmft.workload={self.workload}"
+        if self.mac and self.ip:
+            args += f" vmft.ip={self.ip}"
         return f"{args} {self.extra_append}".strip()
 
 
@@ -89,6 +93,16 @@ class MachinePaths:
     def snapshots(self) -> Path:
         return self.run_dir / "snapshots.qcow2"
 
+    @property
+    def guest_net(self) -> Path:
+        """QEMU's end of the guest NIC's datagram socket."""
+        return self.run_dir / "net-qemu.sock"
+
+    @property
+    def controller_net(self) -> Path:
+        """The controller's end of the guest NIC's datagram socket."""
+        return self.run_dir / "net-controller.sock"
+
 
 def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
                  rrfile: Path | None = None) -> list[str]:
@@ -110,6 +124,16 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
             "-drive", f"file={paths.disk},if=none,id=disk0-img,format=qcow2",
             "-drive", "driver=blkreplay,if=none,image=disk0-img,id=disk0",
             "-device", "virtio-blk-pci,drive=disk0",
+        ]
+    if spec.mac:
+        # One frame per datagram to the controller.  filter-replay puts every
+        # inbound frame into the log (record) and feeds it from there (replay),
+        # where it also drops the backup's outbound frames.
+        args += [
+            "-netdev", f"dgram,id=net0,local.type=unix,local.path={paths.guest_net},"
+                       f"remote.type=unix,remote.path={paths.controller_net}",
+            "-object", "filter-replay,id=net0-replay,netdev=net0",
+            "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac},romfile=",
         ]
     if role is not Role.PLAIN:
         icount = f"shift={spec.icount_shift}"
@@ -149,7 +173,7 @@ class Machine:
         """Create the run directory, the snapshot drive and this side's disk copy."""
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (self.paths.qmp, self.paths.console, self.paths.disk,
-                      self.paths.snapshots):
+                      self.paths.snapshots, self.paths.guest_net):
             stale.unlink(missing_ok=True)
         _qemu_img("create", "-f", "qcow2", str(self.paths.snapshots), "16M")
         if self.spec.disk:
@@ -186,14 +210,11 @@ class Machine:
         if self._qmp is None:
             client = QMPClient(f"{self.spec.name}-{self.role.value}")
             async with asyncio.timeout(timeout):
-                while True:
+                while not self.paths.qmp.exists():
                     if not self.running():
-                        raise RuntimeError(f"QEMU exited: {self.stderr_tail()}")
-                    try:
-                        await client.connect(str(self.paths.qmp))
-                        break
-                    except Exception:  # socket not there yet
-                        await asyncio.sleep(0.05)
+                        raise RuntimeError(f"QEMU is not running: {self.stderr_tail()}")
+                    await asyncio.sleep(0.05)
+                await client.connect(str(self.paths.qmp))
             self._qmp = client
         return self._qmp
 

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import status
+from .topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, Netns, Topology
 
 ROLES = ("primary", "backup")
+TAP = "vmft0"  # each host's TAP for the guest, in its LAN bridge
 
 
 def free_port() -> int:
@@ -42,20 +44,34 @@ class LocalPair:
     """Both controllers of one VM, run from one directory."""
 
     def __init__(self, root: Path, workload: str = "ticks", name: str | None = None,
-                 log_port: int | None = None, primary_target_port: int | None = None) -> None:
+                 log_port: int | None = None, primary_target_port: int | None = None,
+                 network: Topology | None = None, extra_config: str = "") -> None:
+        """With `network`, the primary runs on host "a" and the backup on "b"
+        of that topology, the guest has a NIC on its LAN, and the log channel
+        runs over the hosts' FT link; without, both run here on loopback."""
         self.root = root
         self.log_port = log_port or free_port()
         self.name = name or f"vm{self.log_port}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.hosts: dict[str, Netns] = {}
         root.mkdir(parents=True, exist_ok=True)
+        address, nic = "127.0.0.1", ""
+        if network is not None:
+            self.hosts = {"primary": network.hosts["a"], "backup": network.hosts["b"]}
+            for host in network.hosts.values():
+                host.add_tap(TAP)
+            address = network.hosts["b"].ft_ip
+            nic = f'mac = "{GUEST_MAC}"\nip = "{GUEST_IP}/{LAN_PREFIX}"\n'
+        tap = f'tap = "{TAP}"\n' if nic else ""
         # The backup listens on log_port; the primary connects to
         # primary_target_port when something (a fault proxy) sits between them.
         target = primary_target_port or self.log_port
         for role, port in (("primary", target), ("backup", self.log_port)):
             self.config(role).write_text(
-                f'[vm]\nname = "{self.name}"\nworkload = "{workload}"\n'
-                f'[primary]\nrun_dir = "{self.run_dir("primary")}"\n'
-                f'[backup]\nrun_dir = "{self.run_dir("backup")}"\nlog_port = {port}\n')
+                f'[vm]\nname = "{self.name}"\nworkload = "{workload}"\n{nic}'
+                f'[primary]\nrun_dir = "{self.run_dir("primary")}"\n{tap}'
+                f'[backup]\nrun_dir = "{self.run_dir("backup")}"\n{tap}'
+                f'address = "{address}"\nlog_port = {port}\n{extra_config}')
 
     def config(self, role: str) -> Path:
         return self.root / f"{role}.toml"
@@ -73,10 +89,12 @@ class LocalPair:
         return (self.root / f"{role}.out").read_text(errors="replace")
 
     def start(self, role: str) -> None:
+        argv = [sys.executable, "-m", "vmft_qemu", role, "--config", str(self.config(role))]
+        if role in self.hosts:
+            argv = self.hosts[role].command(argv)
         with open(self.root / f"{role}.out", "wb") as out:
             self.procs[role] = subprocess.Popen(
-                [sys.executable, "-m", "vmft_qemu", role, "--config", str(self.config(role))],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True)
 
     def start_both(self, timeout: float = 30) -> None:

@@ -25,8 +25,10 @@ from .images import GuestImage
 from .lag_control import LagControl
 from .log_pipe import open_fifo
 from .machine import Machine, Role, VMSpec
+from .output_gate import OutputGate
 from .replay_log import REPLAY_VERSION, ReplayLogReader
 from .status import SOCKET_NAME, RateMeter, serve
+from .vnic import Port, open_guest_port, open_tap
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +130,10 @@ class PrimaryController:
         self._new_log = asyncio.Event()
         self._acked_changed = asyncio.Event()
         self.lag_control = LagControl(config.lag.target_ms)
+        self.gate: OutputGate | None = None
+        self._ports: list[Port] = []
+        self._unstamped: list[tuple[bytes, float]] = []
+        self._stamp_wanted = asyncio.Event()
         self._icount_rate = RateMeter()
         self._byte_rate = RateMeter()
         # (log offset, guest clock in ns) after each segment's last clock read:
@@ -175,7 +181,9 @@ class PrimaryController:
                 continue
             try:
                 await self._session(reader, writer)
-            except (lc.FrameError, ConnectionError, EOFError, ChannelRefused) as e:
+            except TimeoutError:
+                self._error(f"log channel to {addr}:{port}: the backup went silent")
+            except (lc.FrameError, OSError, EOFError, ChannelRefused) as e:
                 self._error(f"log channel to {addr}:{port}: {e}")
             finally:
                 self.connected = False
@@ -239,6 +247,8 @@ class PrimaryController:
         if len(frame.payload) == lc.ACK_PAYLOAD.size:
             self.backup_replayed = Position(*lc.ACK_PAYLOAD.unpack(frame.payload))
         self.retained.release(frame.offset)
+        if self.gate is not None:
+            self.gate.acknowledged(frame.icount)
         sent_at = None
         while self._sent_at and self._sent_at[0][0] <= frame.offset:
             sent_at = self._sent_at.popleft()[1]
@@ -246,7 +256,46 @@ class PrimaryController:
             self.ack_delay_ms = (time.monotonic() - sent_at) * 1000
         self._acked_changed.set()
 
+    # --- the guest's network: inbound goes in (and into the log), outbound waits
+
+    def _connect_network(self) -> None:
+        paths = self.machine.paths
+        guest = open_guest_port(paths.controller_net, paths.guest_net)
+        tap = open_tap(self.config.primary.tap)
+        self._ports = [guest, tap]
+        self.gate = OutputGate(tap.send, audit=self.run_dir / "gate.jsonl")
+        tap.listen(guest.send)
+        guest.listen(self._on_guest_frame)
+
+    def _on_guest_frame(self, frame: bytes) -> None:
+        self._unstamped.append((frame, time.monotonic()))
+        self._stamp_wanted.set()
+
+    async def _stamp_forever(self) -> None:
+        """Stamp the guest's frames with the primary's icount, read after they arrived."""
+        qmp = await self.machine.qmp()
+        assert self.gate is not None
+        while True:
+            await self._stamp_wanted.wait()
+            self._stamp_wanted.clear()
+            batch, self._unstamped = self._unstamped, []
+            icount = (await qmp.execute("query-replay"))["icount"]
+            for frame, arrived in batch:
+                self.gate.hold(frame, icount, arrived)
+
     # --- status and lifecycle --------------------------------------------------
+
+    def _task(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        """A background task whose failure is reported, never lost."""
+        task = asyncio.create_task(coro, name=what)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                self.state = "failed"
+                self._error(f"{what} failed: {t.exception()!r}")
+
+        task.add_done_callback(done)
+        return task
 
     def _error(self, message: str) -> None:
         self.errors = (self.errors + [message])[-20:]
@@ -274,6 +323,9 @@ class PrimaryController:
             "ack_delay_ms": self.ack_delay_ms, "retained_bytes": self.retained.nbytes,
             "throttle_share": self.lag_control.share, "throttle_reason": self.lag_control.reason,
             "connected": self.connected, "shutdown_cause": self.shutdown_cause,
+            "gate": None if self.gate is None else {
+                "held": self.gate.held + len(self._unstamped), "released": self.gate.released,
+                "last_hold_ms": self.gate.last_hold_ms, "max_hold_ms": self.gate.max_hold_ms},
             "errors": self.errors,
         }
 
@@ -294,15 +346,19 @@ class PrimaryController:
         loop = asyncio.get_running_loop()
         loop.add_reader(fd, self._on_record_readable, fd)
         server = await serve(self.run_dir / SOCKET_NAME, self.snapshot)
-        background = [asyncio.create_task(self._ship_forever())]
+        background = [self._task(self._ship_forever(), "log shipping")]
         try:
+            if self.machine.spec.mac:
+                self._connect_network()
             await self.machine.launch()
+            if self.gate is not None:
+                background.append(self._task(self._stamp_forever(), "output stamping"))
             emit(log, "recording", qemu_pid=self.machine.pid)
             self.state = "unprotected"
             if self.config.lag.control:
                 assert self.machine.pid is not None
-                background.append(asyncio.create_task(self.lag_control.run(
-                    self.machine.pid, self.lag_ms, lambda: self.connected)))
+                background.append(self._task(self.lag_control.run(
+                    self.machine.pid, self.lag_ms, lambda: self.connected), "lag control"))
             code = await self.machine.wait()
             self._on_record_readable(fd)  # whatever QEMU wrote last
             emit(log, "qemu-exited", code=code, shutdown_cause=self.shutdown_cause,
@@ -320,6 +376,10 @@ class PrimaryController:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            for port in self._ports:
+                port.close()
+            if self.gate is not None:
+                self.gate.close()
             loop.remove_reader(fd)
             server.close()
             await self.machine.stop()

@@ -1,0 +1,83 @@
+"""The output rule: the guest's packets wait for the backup's acknowledgement.
+
+Paper section 2.2: "the primary VM may not send an output to the external
+world until the backup VM has received and acknowledged the log entry
+associated with the operation producing the output."  Then a backup that takes
+over has everything it needs to reach the same output, so the outside world
+never sees an output the backup could contradict.
+
+Every frame the primary's guest sends is stamped with an instruction count at
+least as late as the instruction that produced it (the primary's icount read
+after the frame arrived) and held here.  When an ACK says the backup has the
+log up to icount N, every held frame stamped <= N is released, in order.  The
+backup's gate stays shut: its guest's output is never released (QEMU's
+filter-replay drops it already).
+
+Each release is written to an audit trail (JSON lines) with the stamp and the
+acknowledged icount that released it, so the rule can be checked afterwards.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, TextIO
+
+
+@dataclass
+class HeldFrame:
+    seq: int
+    data: bytes
+    stamp: int  # icount at or after the instruction that produced the frame
+    held_at: float  # time.monotonic() when the guest's frame reached the gate
+
+
+class OutputGate:
+    def __init__(self, release: Callable[[bytes], None], audit: Path | None = None) -> None:
+        self._release = release
+        self._held: collections.deque[HeldFrame] = collections.deque()
+        self._seq = 0
+        self.acked = 0  # highest icount the backup has acknowledged
+        self.released = 0
+        self.last_hold_ms = 0.0
+        self.max_hold_ms = 0.0
+        self._audit: TextIO | None = open(audit, "a", buffering=1) if audit else None
+
+    @property
+    def held(self) -> int:
+        return len(self._held)
+
+    def hold(self, data: bytes, stamp: int, held_at: float) -> None:
+        """A frame from the guest, stamped; it leaves once the backup has `stamp`."""
+        if self._held and stamp < self._held[-1].stamp:
+            raise ValueError(f"stamp {stamp} is older than the last held frame's")
+        self._seq += 1
+        self._held.append(HeldFrame(self._seq, data, stamp, held_at))
+        self._drain()
+
+    def acknowledged(self, icount: int) -> None:
+        """The backup has the log up to `icount`: release what that covers."""
+        if icount > self.acked:
+            self.acked = icount
+            self._drain()
+
+    def _drain(self) -> None:
+        while self._held and self._held[0].stamp <= self.acked:
+            frame = self._held.popleft()
+            self._release(frame.data)
+            now = time.monotonic()
+            self.released += 1
+            self.last_hold_ms = (now - frame.held_at) * 1000
+            self.max_hold_ms = max(self.max_hold_ms, self.last_hold_ms)
+            if self._audit:
+                self._audit.write(json.dumps({
+                    "seq": frame.seq, "stamp": frame.stamp, "acked": self.acked,
+                    "bytes": len(frame.data), "hold_ms": round(self.last_hold_ms, 3)}) + "\n")
+
+    def close(self) -> None:
+        if self._audit:
+            self._audit.close()
+            self._audit = None
