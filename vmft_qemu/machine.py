@@ -51,6 +51,7 @@ class VMSpec:
     extra_append: str = ""
     mac: str | None = None  # the guest's NIC; None: no network
     ip: str | None = None  # the guest's address/prefix, e.g. 192.168.77.10/24
+    tap: str | None = None  # NIC straight on this TAP: a baseline without FT
 
     @classmethod
     def from_config(cls, config: FTConfig, image: GuestImage) -> "VMSpec":
@@ -125,7 +126,12 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
             "-drive", "driver=blkreplay,if=none,image=disk0-img,id=disk0",
             "-device", "virtio-blk-pci,drive=disk0",
         ]
-    if spec.mac:
+    if spec.mac and spec.tap:
+        args += [
+            "-netdev", f"tap,id=net0,ifname={spec.tap},script=no,downscript=no",
+            "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac},romfile=",
+        ]
+    elif spec.mac:
         # One frame per datagram to the controller.  filter-replay puts every
         # inbound frame into the log (record) and feeds it from there (replay),
         # where it also drops the backup's outbound frames.
@@ -160,8 +166,9 @@ class Machine:
     """One QEMU process of the FT pair (or of a benchmark baseline)."""
 
     def __init__(self, spec: VMSpec, role: Role, run_dir: Path,
-                 rrfile: Path | None = None) -> None:
+                 rrfile: Path | None = None, netns: str | None = None) -> None:
         self.spec = spec
+        self.netns = netns  # run QEMU in this network namespace
         self.role = role
         self.paths = MachinePaths(run_dir)
         self.rrfile = rrfile
@@ -182,7 +189,8 @@ class Machine:
 
     @property
     def args(self) -> list[str]:
-        return command_line(self.spec, self.role, self.paths, self.rrfile)
+        args = command_line(self.spec, self.role, self.paths, self.rrfile)
+        return ["ip", "netns", "exec", self.netns, *args] if self.netns else args
 
     async def launch(self) -> None:
         self.prepare()

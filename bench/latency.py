@@ -1,0 +1,139 @@
+"""Benchmark: what the output rule costs a client.
+
+A client on the LAN (its own network namespace) sends counter increments one
+at a time and fetches a 5 KiB page, against:
+
+    plain-net  the same guest and QEMU (icount, no record/replay) with its NIC
+               straight on a TAP of host a: no FT
+    ft         the FT pair: primary on host a, backup on host b, every reply
+               held by the output gate until the backup's ACK covers it
+
+and writes bench/results/latency.json and latency.md: request latency p50/p99,
+throughput, and the log bandwidth under that load, in one run.
+Targets: added p50 latency <= 5 ms; FT throughput >= 80 % of non-FT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from vmft_qemu.images import locate
+from vmft_qemu.machine import Machine, Role, VMSpec
+from vmft_qemu.pair import LocalPair, wait_for
+from vmft_qemu.topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, Topology
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _client(topo: Topology, *args: str) -> dict[str, Any]:
+    done = topo.client.run([sys.executable, "-m", "vmft_qemu.client", *args, "--host", GUEST_IP],
+                           capture_output=True, text=True, timeout=600)
+    result = json.loads(done.stdout)
+    if result["error"]:
+        raise RuntimeError(f"client failed: {result['error']}")
+    return result
+
+
+def _load(topo: Topology, requests: int, pages: int) -> dict[str, Any]:
+    start = time.monotonic()
+    counted = _client(topo, "counter", "--count", str(requests))
+    counter_s = time.monotonic() - start
+    start = time.monotonic()
+    fetched = _client(topo, "http", "--path", "/ft.html", "--count", str(pages))
+    http_s = time.monotonic() - start
+    lat = sorted(counted["latency_ms"])
+    return {
+        "p50_ms": statistics.median(lat),
+        "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "requests_per_s": requests / counter_s,
+        "pages_per_s": pages / http_s,
+        "answers_right": counted["answers"] == list(range(1, requests + 1)),
+    }
+
+
+def run_plain(image, requests: int, pages: int, work: Path) -> dict[str, Any]:
+    with Topology() as topo:
+        host = topo.hosts["a"]
+        spec = VMSpec("bench-net", 256, image, mac=GUEST_MAC, ip=f"{GUEST_IP}/{LAN_PREFIX}",
+                      tap=host.add_tap("vmft0"))
+        machine = Machine(spec, Role.ICOUNT, work, netns=host.name)
+
+        async def go() -> dict[str, Any]:
+            await machine.launch()
+            try:
+                loop = asyncio.get_running_loop()
+                await loop.run_in_executor(None, _wait_net, lambda: machine.paths.console, 180)
+                return await loop.run_in_executor(None, _load, topo, requests, pages)
+            finally:
+                await machine.stop()
+
+        return asyncio.run(go())
+
+
+def _wait_net(console: Callable[[], Path], timeout: float) -> None:
+    wait_for(lambda: console().exists() and f"VMFT-NET-UP {GUEST_IP}" in console().read_text(
+        errors="replace"), timeout, "the guest's network")
+
+
+def run_ft(requests: int, pages: int, work: Path) -> dict[str, Any]:
+    with Topology() as topo:
+        pair = LocalPair(work, name="bench", network=topo)
+        try:
+            pair.start_both()
+            _wait_net(lambda: pair.run_dir("primary") / "console.log", 180)
+            before = pair.status("primary")
+            t0 = time.monotonic()
+            result = _load(topo, requests, pages)
+            after = pair.status("primary")
+            result["log_bytes_per_s"] = ((after["recorded"]["offset"] - before["recorded"]["offset"])
+                                         / (time.monotonic() - t0))
+            result["gate_max_hold_ms"] = after["gate"]["max_hold_ms"]
+            return result
+        finally:
+            pair.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--pages", type=int, default=50)
+    args = parser.parse_args()
+    image = locate()
+    with tempfile.TemporaryDirectory(prefix="vmft-bench-lat-") as tmp:
+        plain = run_plain(image, args.requests, args.pages, Path(tmp) / "plain")
+        print(f"plain-net: {plain}", flush=True)
+        ft = run_ft(args.requests, args.pages, Path(tmp) / "ft")
+        print(f"ft:        {ft}", flush=True)
+    added = ft["p50_ms"] - plain["p50_ms"]
+    ratio = ft["requests_per_s"] / plain["requests_per_s"]
+    report = {
+        "benchmark": "latency", "requests": args.requests, "pages": args.pages,
+        "plain_net": plain, "ft": ft, "added_p50_ms": added, "throughput_ratio": ratio,
+        "page_rate_ratio": ft["pages_per_s"] / plain["pages_per_s"],
+        "targets": {"added_p50_ms <= 5": added <= 5, "throughput_ratio >= 0.8": ratio >= 0.8},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "latency.json").write_text(json.dumps(report, indent=2) + "\n")
+    md = [f"# Output rule cost: {args.requests} counter requests, {args.pages} pages of 5 KiB", "",
+          "| mode | p50 ms | p99 ms | requests/s | pages/s | log KiB/s |", "|---|---|---|---|---|---|"]
+    for name, r in (("plain-net (no FT)", plain), ("ft", ft)):
+        log_rate = f"{r['log_bytes_per_s'] / 1024:.1f}" if "log_bytes_per_s" in r else "-"
+        md.append(f"| {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['requests_per_s']:.1f} "
+                  f"| {r['pages_per_s']:.1f} | {log_rate} |")
+    md += ["", f"Added p50 latency: {added:.2f} ms (target <= 5). "
+               f"Throughput FT / non-FT: {ratio:.2f} (target >= 0.80)."]
+    (RESULTS / "latency.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
