@@ -2,17 +2,30 @@
 
 It forwards byte-exact in both directions and, on the `at`-th LOG frame of its
 first connection, corrupts, truncates, duplicates or reorders it.  Later
-connections (the primary's reconnect) pass untouched.
+connections (the primary's reconnect) pass untouched.  Mode "tamper" is
+different: it changes one byte of the first ARP packet the guest receives
+(an ASYNC_NET event in the log) and re-seals the frame with a valid checksum,
+so the backup replays a different input: what the divergence check is for.
+
+Run as a program (`python -m tests.faults LISTEN_PORT TARGET_HOST TARGET_PORT
+MODE`) it prints "injected" when it has done its work: for a netns host.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import socket
+import sys
 import threading
 
 from vmft_qemu import log_channel as lc
+from vmft_qemu.replay_log import ReplayLogReader
 
 MODES = ("corrupt", "truncate", "duplicate", "reorder")
+NET_EVENT = 9  # ASYNC_NET: an inbound packet
+NET_PACKET = 10  # its packet starts after kind, filter id, flags and length
+ARP = b"\x08\x06"  # the Ethernet type of ARP
+ARP_SENDER_MAC_LAST = 14 + 8 + 5  # Ethernet header, ARP header, sender MAC
 
 
 def _read_exact(sock: socket.socket, n: int) -> bytes | None:
@@ -34,10 +47,12 @@ def _hang_up(*socks: socket.socket) -> None:
 
 
 class FaultProxy:
-    def __init__(self, target_port: int, mode: str, at: int = 20) -> None:
-        assert mode in MODES
+    def __init__(self, target_port: int, mode: str, at: int = 20,
+                 target_host: str = "127.0.0.1", listen_port: int = 0) -> None:
+        assert mode in MODES + ("tamper",)
         self.target_port, self.mode, self.at = target_port, mode, at
-        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.target_host = target_host
+        self.listener = socket.create_server(("127.0.0.1", listen_port))
         self.port = self.listener.getsockname()[1]
         self.injected = threading.Event()
         self.connections = 0
@@ -58,7 +73,7 @@ class FaultProxy:
             except OSError:
                 return
             try:
-                backend = socket.create_connection(("127.0.0.1", self.target_port))
+                backend = socket.create_connection((self.target_host, self.target_port))
             except OSError:  # the backup is not listening (yet): the primary retries
                 client.close()
                 continue
@@ -90,7 +105,9 @@ class FaultProxy:
                 frame = header + payload
                 is_log = header[5] == lc.FrameType.LOG
                 logs += is_log
-                if damage and is_log and logs == self.at and length > 8:
+                if damage and is_log and self.mode == "tamper":
+                    frame = self._tamper(frame)
+                elif damage and is_log and logs == self.at and length > 8:
                     frame = self._damage(frame, dst)
                     if frame is None:  # truncated and half-closed: the backup hangs up
                         return
@@ -102,6 +119,22 @@ class FaultProxy:
         except OSError:
             pass
         _hang_up(src, dst)
+
+    def _tamper(self, raw: bytes) -> bytes:
+        """Change the sender MAC inside the first ARP packet the guest receives,
+        in the log, and re-seal the frame: the backup's guest then answers a
+        different MAC than the primary's did."""
+        if self.injected.is_set():
+            return raw
+        frame = lc.decode(raw)
+        for event in ReplayLogReader().feed(frame.payload):
+            packet = event.offset + NET_PACKET
+            if event.kind == NET_EVENT and frame.payload[packet + 12:packet + 14] == ARP:
+                payload = bytearray(frame.payload)
+                payload[packet + ARP_SENDER_MAC_LAST] ^= 0x01
+                self.injected.set()
+                return dataclasses.replace(frame, payload=bytes(payload)).encode()
+        return raw
 
     def _damage(self, frame: bytes, dst: socket.socket) -> bytes | None:
         self.injected.set()
@@ -116,3 +149,12 @@ class FaultProxy:
         if self.mode == "duplicate":
             return frame + frame
         return frame  # reorder: the caller holds it back
+
+
+if __name__ == "__main__":
+    listen, host, port, mode = sys.argv[1:5]
+    proxy = FaultProxy(int(port), mode, target_host=host, listen_port=int(listen))
+    print("listening", flush=True)
+    proxy.injected.wait()
+    print("injected", flush=True)
+    threading.Event().wait()  # keep forwarding until killed

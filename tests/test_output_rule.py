@@ -59,9 +59,43 @@ def test_client_gets_every_answer_right_and_nothing_leaves_early(lan_pair) -> No
     early = [t for t in trail if t["acked"] < t["stamp"]]
     assert early == []
     assert [t["seq"] for t in trail] == sorted(t["seq"] for t in trail)
-    # The backup replayed the same guest: its console is the primary's so far.
+    # The backup replayed the same guest: its console is the primary's so far,
+    # and every frame its replay produced is the one the primary sent.
     backup = pair.console("backup")[:-1]
     assert backup == pair.console("primary")[: len(backup)]
+    released = pair.status("primary")["gate"]["released"]
+    check = wait_for(lambda: (d := pair.status("backup")["divergence"])["compared"] >= released
+                     and d, 120, "the backup to replay every released frame")
+    assert check["divergences"] == 0, check["last"]
+
+
+def test_divergence_check_fires_when_the_backup_gets_a_different_input(
+        tmp_path: Path, image) -> None:
+    repo = Path(__file__).resolve().parent.parent
+    with Topology() as topo:
+        pair = LocalPair(tmp_path / "pair", network=topo, primary_target_address="127.0.0.1",
+                         primary_target_port=7499)
+        backup_ip = topo.hosts["b"].ft_ip
+        proxy = topo.hosts["a"].popen(
+            [sys.executable, "-m", "tests.faults", "7499", backup_ip, str(pair.log_port), "tamper"],
+            cwd=repo, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proxy.stdout is not None and proxy.stdout.readline().strip() == "listening"
+            pair.start_both()
+            wait_for(lambda: "VMFT-NET-UP " + GUEST_IP in pair.console("primary"), 180,
+                     "the guest's network to come up")
+            answered = client(topo, "counter", "--count", "5")
+            assert answered["answers"] == [1, 2, 3, 4, 5]  # the primary is fine
+            assert proxy.stdout.readline().strip() == "injected"
+            found = wait_for(lambda: (d := pair.status("backup")["divergence"])["divergences"]
+                             and d, 120, "the backup to report the divergence")
+            assert "outbound frame" in found["last"]
+            assert any(e["event"] == "divergence" and e["level"] == "error"
+                       for e in pair.events("backup"))
+        finally:
+            proxy.kill()
+            proxy.wait(10)
+            pair.stop()
 
 
 def test_stalled_backup_holds_every_reply_until_it_resumes(lan_pair) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from . import log_channel as lc
 from .config import FTConfig
+from .divergence import DivergenceCheck
 from .events import emit
 from .images import GuestImage
 from .log_pipe import open_fifo, unread_bytes
@@ -100,6 +101,7 @@ class BackupController:
         self.connected = False
         self.shutdown_cause: str | None = None
         self.refused = 0
+        self.divergence = DivergenceCheck()
         self.errors: list[str] = []
         self._session_task: asyncio.Task[None] | None = None
 
@@ -153,6 +155,9 @@ class BackupController:
             order.check(frame)
             if frame.type == lc.FrameType.LOG:
                 self._accept_log(frame)
+            elif frame.type == lc.FrameType.DIGEST:
+                self.divergence.primary_sent(*lc.DIGEST_PAYLOAD.unpack(frame.payload))
+                continue
             elif frame.type != lc.FrameType.HEARTBEAT:
                 raise lc.ProtocolMismatch(f"unexpected {frame.type.name} from the primary")
             await self._ack(sender)
@@ -198,7 +203,8 @@ class BackupController:
             "replayed": {"offset": replayed[0], "icount": replayed[1]},
             "backlog_bytes": self.reader.offset - replayed[0],
             "connected": self.connected, "refused_frames": self.refused,
-            "shutdown_cause": self.shutdown_cause, "errors": self.errors,
+            "shutdown_cause": self.shutdown_cause, "divergence": self.divergence.snapshot(),
+            "errors": self.errors,
         }
 
     async def run(self) -> int:
@@ -212,10 +218,12 @@ class BackupController:
         status = await serve(self.run_dir / SOCKET_NAME, self.snapshot)  # answers once listening
         emit(log, "listening", address=self.config.backup.address,
              port=self.config.backup.log_port)
-        # The replaying guest's NIC: filter-replay drops its output; nothing of
-        # it may reach the LAN, so the controller's end just exists.
+        # The replaying guest's NIC: its output never reaches the LAN; it is
+        # only hashed, to compare with what the primary's guest sent.
         guest = open_guest_port(self.machine.paths.controller_net,
                                 self.machine.paths.guest_net) if self.machine.spec.mac else None
+        if guest is not None:
+            guest.listen(self.divergence.backup_produced)
         try:
             await self.machine.launch()
             self.state = "waiting-for-primary"

@@ -36,6 +36,8 @@ MAX_PAYLOAD = 4 << 20
 # An ACK carries the backup's replay position: offset and icount it has fed to
 # its QEMU (what the QEMU has consumed of the pipe, to within stdio read-ahead).
 ACK_PAYLOAD = struct.Struct(">QQ")
+# A DIGEST: which of the guest's outbound frames (1, 2, ...) and its SHA-256.
+DIGEST_PAYLOAD = struct.Struct(">Q32s")
 
 
 class FrameType(enum.IntEnum):
@@ -44,6 +46,7 @@ class FrameType(enum.IntEnum):
     ACK = 3  # backup -> primary: log received up to offset/icount
     HEARTBEAT = 4  # both ways: I am alive (payload: JSON status, optional)
     REFUSE = 5  # backup -> primary: a frame was refused (JSON reason); closes
+    DIGEST = 6  # primary -> backup: SHA-256 of the n-th frame its guest sent out
 
 
 class FrameError(Exception):

@@ -132,13 +132,15 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
             "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac},romfile=",
         ]
     elif spec.mac:
-        # One frame per datagram to the controller.  filter-replay puts every
-        # inbound frame into the log (record) and feeds it from there (replay),
-        # where it also drops the backup's outbound frames.
+        # One frame per datagram to the controller.  filter-replay on the
+        # netdev's transmit queue (what the netdev sends to the guest: QEMU's
+        # "queue=tx") puts every frame the guest receives into the log (record)
+        # and feeds it from there (replay).  The guest's own output passes by
+        # it; on the backup it reaches the controller, which compares and drops it.
         args += [
             "-netdev", f"dgram,id=net0,local.type=unix,local.path={paths.guest_net},"
                        f"remote.type=unix,remote.path={paths.controller_net}",
-            "-object", "filter-replay,id=net0-replay,netdev=net0",
+            "-object", "filter-replay,id=net0-replay,netdev=net0,queue=tx",
             "-device", f"virtio-net-pci,netdev=net0,mac={spec.mac},romfile=",
         ]
     if role is not Role.PLAIN:

@@ -45,7 +45,8 @@ class LocalPair:
 
     def __init__(self, root: Path, workload: str = "ticks", name: str | None = None,
                  log_port: int | None = None, primary_target_port: int | None = None,
-                 network: Topology | None = None, extra_config: str = "") -> None:
+                 network: Topology | None = None, extra_config: str = "",
+                 primary_target_address: str | None = None) -> None:
         """With `network`, the primary runs on host "a" and the backup on "b"
         of that topology, the guest has a NIC on its LAN, and the log channel
         runs over the hosts' FT link; without, both run here on loopback."""
@@ -65,13 +66,15 @@ class LocalPair:
         tap = f'tap = "{TAP}"\n' if nic else ""
         # The backup listens on log_port; the primary connects to
         # primary_target_port when something (a fault proxy) sits between them.
-        target = primary_target_port or self.log_port
-        for role, port in (("primary", target), ("backup", self.log_port)):
+        targets = {"primary": (primary_target_address or address,
+                               primary_target_port or self.log_port),
+                   "backup": (address, self.log_port)}
+        for role, (addr, port) in targets.items():
             self.config(role).write_text(
                 f'[vm]\nname = "{self.name}"\nworkload = "{workload}"\n{nic}'
                 f'[primary]\nrun_dir = "{self.run_dir("primary")}"\n{tap}'
                 f'[backup]\nrun_dir = "{self.run_dir("backup")}"\n{tap}'
-                f'address = "{address}"\nlog_port = {port}\n{extra_config}')
+                f'address = "{addr}"\nlog_port = {port}\n{extra_config}')
 
     def config(self, role: str) -> Path:
         return self.root / f"{role}.toml"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hashlib
 import logging
 import os
 import time
@@ -133,6 +134,10 @@ class PrimaryController:
         self.gate: OutputGate | None = None
         self._ports: list[Port] = []
         self._unstamped: list[tuple[bytes, float]] = []
+        self._tap: Port | None = None
+        # DIGEST payloads to send; a backup gone for long loses the oldest.
+        self._digests: collections.deque[bytes] = collections.deque(maxlen=100_000)
+        self._released = 0
         self._stamp_wanted = asyncio.Event()
         self._icount_rate = RateMeter()
         self._byte_rate = RateMeter()
@@ -218,6 +223,8 @@ class PrimaryController:
         self._sent_at.clear()
         while True:
             self._new_log.clear()
+            while self._digests:
+                await sender.send(lc.FrameType.DIGEST, payload=self._digests.popleft())
             segment = self.retained.frame_from(offset, max_bytes)
             if segment is None:
                 try:
@@ -261,11 +268,19 @@ class PrimaryController:
     def _connect_network(self) -> None:
         paths = self.machine.paths
         guest = open_guest_port(paths.controller_net, paths.guest_net)
-        tap = open_tap(self.config.primary.tap)
+        self._tap = tap = open_tap(self.config.primary.tap)
         self._ports = [guest, tap]
-        self.gate = OutputGate(tap.send, audit=self.run_dir / "gate.jsonl")
+        self.gate = OutputGate(self._release, audit=self.run_dir / "gate.jsonl")
         tap.listen(guest.send)
         guest.listen(self._on_guest_frame)
+
+    def _release(self, frame: bytes) -> None:
+        """The gate opened for `frame`: onto the LAN, and its digest to the backup."""
+        assert self._tap is not None
+        self._tap.send(frame)
+        self._released += 1
+        self._digests.append(lc.DIGEST_PAYLOAD.pack(self._released, hashlib.sha256(frame).digest()))
+        self._new_log.set()
 
     def _on_guest_frame(self, frame: bytes) -> None:
         self._unstamped.append((frame, time.monotonic()))
