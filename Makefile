@@ -39,6 +39,7 @@ setup: venv
 	@test -x /usr/bin/python3 || { apt-get update -qq && apt-get install -y -qq python3; }
 	LC_ALL=C.UTF-8 ANSIBLE_CONFIG=ansible/ansible.cfg \
 	    $(VENV)/bin/ansible-playbook -i $(INVENTORY) $(PLAYBOOK)
+	$(MAKE) -C qemu_plugins
 	$(VENV)/bin/python -m vmft_qemu.images build
 
 test: setup

@@ -18,6 +18,7 @@ an error naming its key and what is allowed.
     [primary]
     run_dir = "/run/vmft/demo/primary"
     tap = "vmft0"                 # this host's TAP on the LAN ("" for none)
+    log_flush_us = 2000           # push the replay log out of QEMU this often (0: off)
 
     [backup]
     run_dir = "/run/vmft/demo/backup"
@@ -66,6 +67,7 @@ class VMConfig:
 class SideConfig:
     run_dir: Path
     tap: str
+    log_flush_us: int
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,12 @@ def _address(v: Any) -> str:
         raise ValueError("must be an IP address such as 127.0.0.1") from None
 
 
+def _flush_interval(v: Any) -> int:
+    if v == 0:
+        return 0
+    return _int_range(100, 1_000_000)(v)
+
+
 def _shift(v: Any) -> str:
     if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10):
         return str(v)
@@ -164,6 +172,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "primary": {
         "run_dir": (_path, "/run/vmft/demo/primary"),
         "tap": (_string(_IFNAME, _IFNAME_TEXT), ""),
+        "log_flush_us": (_flush_interval, 2000),
     },
     "backup": {
         "run_dir": (_path, "/run/vmft/demo/backup"),

@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from .config import FTConfig
 from .images import GuestImage
 
 log = logging.getLogger(__name__)
+
+PLUGIN_DIR = Path(__file__).resolve().parent.parent / "qemu_plugins" / "build"
 
 
 class Role(enum.Enum):
@@ -52,13 +54,15 @@ class VMSpec:
     mac: str | None = None  # the guest's NIC; None: no network
     ip: str | None = None  # the guest's address/prefix, e.g. 192.168.77.10/24
     tap: str | None = None  # NIC straight on this TAP: a baseline without FT
+    log_flush_us: int = 0  # record side: flush the replay log this often (0: never)
 
     @classmethod
     def from_config(cls, config: FTConfig, image: GuestImage) -> "VMSpec":
         vm = config.vm
         return cls(name=vm.name, memory_mib=vm.memory_mib, image=image,
                    workload=vm.workload, icount_shift=vm.icount_shift, disk=vm.disk,
-                   qemu=vm.qemu, mac=vm.mac or None, ip=vm.ip or None)
+                   qemu=vm.qemu, mac=vm.mac or None, ip=vm.ip or None,
+                   log_flush_us=config.primary.log_flush_us)
 
     @property
     def append(self) -> str:
@@ -151,6 +155,12 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
             mode = "record" if role is Role.RECORD else "replay"
             icount += f",rr={mode},rrfile={rrfile}"
         args += ["-icount", icount]
+    if role is Role.RECORD and spec.log_flush_us:
+        plugin = PLUGIN_DIR / "liblogflush.so"
+        if not plugin.exists():
+            raise FileNotFoundError(f"{plugin} is missing: build it with `make -C qemu_plugins` "
+                                    "(part of `make setup`)")
+        args += ["-plugin", f"{plugin},interval_us={spec.log_flush_us}"]
     return args
 
 
@@ -218,13 +228,18 @@ class Machine:
     async def qmp(self, timeout: float = 30.0) -> QMPClient:
         """A connected QMP client (the socket appears once QEMU is set up)."""
         if self._qmp is None:
-            client = QMPClient(f"{self.spec.name}-{self.role.value}")
             async with asyncio.timeout(timeout):
-                while not self.paths.qmp.exists():
+                while True:
                     if not self.running():
                         raise RuntimeError(f"QEMU is not running: {self.stderr_tail()}")
-                    await asyncio.sleep(0.05)
-                await client.connect(str(self.paths.qmp))
+                    if self.paths.qmp.exists():
+                        client = QMPClient(f"{self.spec.name}-{self.role.value}")
+                        try:
+                            await client.connect(str(self.paths.qmp))
+                            break
+                        except ConnectError as e:  # seen: the greeting raced QEMU's start
+                            log.info("qmp connect failed, retrying: %s", e)
+                    await asyncio.sleep(0.1)
             self._qmp = client
         return self._qmp
 
