@@ -25,12 +25,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import report as report_file
 from vmft_qemu.images import locate
 from vmft_qemu.machine import Machine, Role, VMSpec
 from vmft_qemu.pair import LocalPair, wait_for
 from vmft_qemu.topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, Topology
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _client(topo: Topology, *args: str) -> dict[str, Any]:
@@ -56,6 +56,7 @@ def _load(topo: Topology, requests: int, pages: int) -> dict[str, Any]:
         "requests_per_s": requests / counter_s,
         "pages_per_s": pages / http_s,
         "answers_right": counted["answers"] == list(range(1, requests + 1)),
+        "pages_right": all(page["status"] == 200 for page in fetched["pages"]),
     }
 
 
@@ -120,8 +121,6 @@ def main() -> int:
         "page_rate_ratio": ft["pages_per_s"] / plain["pages_per_s"],
         "targets": {"added_p50_ms <= 5": added <= 5, "throughput_ratio >= 0.8": ratio >= 0.8},
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "latency.json").write_text(json.dumps(report, indent=2) + "\n")
     md = [f"# Output rule cost: {args.requests} counter requests, {args.pages} pages of 5 KiB", "",
           "| mode | p50 ms | p99 ms | requests/s | pages/s | log KiB/s |", "|---|---|---|---|---|---|"]
     for name, r in (("plain-net (no FT)", plain), ("ft", ft)):
@@ -130,8 +129,7 @@ def main() -> int:
                   f"| {r['pages_per_s']:.1f} | {log_rate} |")
     md += ["", f"Added p50 latency: {added:.2f} ms (target <= 5). "
                f"Throughput FT / non-FT: {ratio:.2f} (target >= 0.80)."]
-    (RESULTS / "latency.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    report_file.write("latency", report, md)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import shutil
 import statistics
@@ -25,12 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import report as report_file
 from vmft_qemu.images import locate
 from vmft_qemu.machine import Machine, Role, VMSpec
 from vmft_qemu.pair import LocalPair
 
 START, END = "VMFT-BENCH-START", "VMFT-BENCH-END"
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def time_markers(console: Path, done, timeout: float) -> float:
@@ -127,8 +126,6 @@ def main() -> int:
         "target_met": median["ft"] / median["icount"] <= 1.10,
         "runs": runs,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [f"# Overhead: {report['workload']} ({qemu}, median of {args.repeat})", "",
              "| mode | seconds | / icount | / plain | log KiB/s |", "|---|---|---|---|---|"]
     for m in modes:
@@ -138,8 +135,7 @@ def main() -> int:
                      f"{report['ratio_to_plain'][m]:.3f} | {bw_text} |")
     lines += ["", f"Target {report['target']}: {'met' if report['target_met'] else 'NOT met'}; "
               f"FT consoles identical: {report['ft_consoles_identical']}."]
-    (RESULTS / "overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    report_file.write("overhead", report, lines)
     return 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -46,6 +48,14 @@ def test_pair_runs_60_s_in_lock_step(pair_factory) -> None:
     final = pair.status("primary")
     assert final["log_bytes_per_s"] > 0 and final["ack_delay_ms"] is not None
     assert pair.status("backup")["refused_frames"] == 0
+    # What an operator sees: `vmft status` shows both sides.
+    shown = subprocess.run([sys.executable, "-m", "vmft_qemu", "status", "--config",
+                            str(pair.config("primary"))], capture_output=True, text=True,
+                           timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    for field in ("primary icount", "backup icount", "lag", "ms of guest time", "KiB/s",
+                  "ACK delay", f"{pair.name} backup: replaying"):
+        assert field in shown.stdout, shown.stdout
     assert max(lags) < 1000, f"lag reached {max(lags):.0f} ms of guest time"
     assert len(_ticks(pair.console("backup"))) >= 50, "the guest prints a tick a second"
     # The end: stop the primary cleanly; the backup replays up to the last line.

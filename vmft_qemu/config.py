@@ -64,7 +64,7 @@ class VMConfig:
 
 
 @dataclass(frozen=True)
-class SideConfig:
+class PrimaryConfig:
     run_dir: Path
     tap: str
     log_flush_us: int
@@ -94,7 +94,7 @@ class ChannelConfig:
 @dataclass(frozen=True)
 class FTConfig:
     vm: VMConfig
-    primary: SideConfig
+    primary: PrimaryConfig
     backup: BackupConfig
     lag: LagConfig
     channel: ChannelConfig
@@ -230,7 +230,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> FTConfig:
             "primary.run_dir (each side keeps its own log pipe and disk)")
     return FTConfig(
         vm=VMConfig(**vm),
-        primary=SideConfig(**primary),
+        primary=PrimaryConfig(**primary),
         backup=BackupConfig(**backup),
         lag=LagConfig(**_section(raw, "lag", source)),
         channel=ChannelConfig(**_section(raw, "channel", source)),

@@ -7,7 +7,6 @@ process is started in its own session and stopped by process group.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import status
+from .events import read_jsonl
 from .topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, Netns, Topology
 
 ROLES = ("primary", "backup")
@@ -123,9 +123,7 @@ class LocalPair:
 
     def events(self, role: str) -> list[dict[str, Any]]:
         path = self.run_dir(role) / "events.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        return read_jsonl(path) if path.exists() else []
 
     def wait_exit(self, role: str, timeout: float) -> int:
         return self.procs[role].wait(timeout)
