@@ -11,6 +11,12 @@ is never closed under QEMU: a replaying QEMU that sees end-of-file exits.
 
 The backup's position comes from the log it has fed and what QEMU has taken
 of the pipe, not from QMP: a QEMU waiting for log bytes does not answer QMP.
+
+Only log up to the last safe point (`ReplayLogReader.safe_point`) is fed, so
+the replay can always be stopped where it stands and go live (`go_live`).
+When the failure detector declares the primary failed and this side wins the
+test-and-set, `run()` freezes the replay at the end of the received log, saves
+the VM and returns "live"; the CLI then runs the VM on as a primary alone.
 """
 
 from __future__ import annotations
@@ -21,11 +27,14 @@ import logging
 import os
 from typing import Any
 
+from . import go_live
 from . import log_channel as lc
 from .config import FTConfig
 from .divergence import DivergenceCheck
 from .events import emit
+from .failure_detector import FailureDetector
 from .images import GuestImage
+from .test_and_set import LockUnavailable
 from .log_pipe import open_fifo, unread_bytes
 from .machine import Machine, Role, VMSpec
 from .replay_log import REPLAY_VERSION, LogFormatError, ReplayLogReader, version_bytes
@@ -45,18 +54,28 @@ class ReplayFeeder:
         self.written_offset = 0
         # (end offset, icount) of fed event runs, to map pipe position -> icount
         self.boundaries: collections.deque[tuple[int, int]] = collections.deque([(0, 0)])
+        self.fed_icount = 0  # icount at the end of everything put here
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
 
     def put(self, data: bytes, end_offset: int, icount: int) -> None:
         self.queue.append((data, end_offset, icount))
         self.queued_bytes += len(data)
+        self.fed_icount = icount
+        self._idle.clear()
         self._wake.set()
+
+    async def written(self) -> None:
+        """Wait until everything put here is in the pipe."""
+        while self.queue or not self._idle.is_set():
+            await self._idle.wait()
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         os.write(self.fd, version_bytes())
         while True:
             if not self.queue:
+                self._idle.set()
                 self._wake.clear()
                 await self._wake.wait()
                 continue
@@ -103,7 +122,10 @@ class BackupController:
         self.refused = 0
         self.divergence = DivergenceCheck()
         self.errors: list[str] = []
+        self.detector = FailureDetector(config, "backup")
+        self._unfed = b""  # received log after the last safe point
         self._session_task: asyncio.Task[None] | None = None
+        self._channel: asyncio.Server | None = None
 
     # --- the logging channel ---------------------------------------------------
 
@@ -127,6 +149,7 @@ class BackupController:
             self._error(f"log channel from {peer}: {e}")
         finally:
             self.connected = False
+            self.detector.set_channel(False)
             writer.close()
 
     async def _refuse(self, sender: lc.Sender, error: Exception) -> None:
@@ -147,12 +170,14 @@ class BackupController:
         order.next_offset = self.reader.offset
         await self._ack(sender)
         self.connected = True
+        self.detector.set_channel(True)
         self.state = "replaying"
         emit(log, "primary-connected", resume_offset=self.reader.offset)
         silence = max(10 * self.config.channel.heartbeat_ms / 1000, 2.0)
         while True:
             frame = await asyncio.wait_for(lc.read_frame(reader), silence)
             order.check(frame)
+            self.detector.heard()
             if frame.type == lc.FrameType.LOG:
                 self._accept_log(frame)
             elif frame.type == lc.FrameType.DIGEST:
@@ -180,13 +205,20 @@ class BackupController:
             emit(log, "primary-shutdown-logged", cause=self.shutdown_cause,
                  icount=self.reader.icount)
         assert self.feeder is not None
-        self.feeder.put(complete, self.reader.offset, self.reader.icount)
+        # Feed up to the last safe point only (everything once the guest shut down).
+        data = self._unfed + complete
+        offset, icount = (self.reader.offset, self.reader.icount) if self.shutdown_cause \
+            else self.reader.safe_point
+        cut = len(data) - (self.reader.offset - offset)
+        if cut > 0:
+            self.feeder.put(data[:cut], offset, icount)
+        self._unfed = data[max(cut, 0):]
 
     async def _ack(self, sender: lc.Sender) -> None:
         assert self.feeder is not None
         replayed = self.feeder.replayed()
         await sender.send(lc.FrameType.ACK, self.reader.offset, self.reader.icount,
-                          lc.ACK_PAYLOAD.pack(*replayed))
+                          lc.ACK_PAYLOAD.pack(*replayed, self.reader.safe_point[1]))
 
     # --- status and lifecycle --------------------------------------------------
 
@@ -204,17 +236,77 @@ class BackupController:
             "backlog_bytes": self.reader.offset - replayed[0],
             "connected": self.connected, "refused_frames": self.refused,
             "shutdown_cause": self.shutdown_cause, "divergence": self.divergence.snapshot(),
-            "errors": self.errors,
+            "partner": self.detector.snapshot(), "errors": self.errors,
         }
 
-    async def run(self) -> int:
-        """Replay until the primary's guest shuts down; returns the CLI's exit status."""
+    # --- the primary failed: go live, or stop ------------------------------------
+
+    async def _watch_primary(self) -> str:
+        """Wait for the primary to fail, then contend for the go-live lock.
+
+        Returns "live" once the replay is frozen and saved at the end of the
+        received log, or "lost-lock" when the primary holds the lock (it went
+        on alone).  While the lock cannot be reached, keeps replaying and
+        retries: maybe the primary is only cut off and comes back."""
+        retry = max(self.config.lock.timeout_ms / 1000, 0.5)
+        while True:
+            reason = await self.detector.wait_failure()
+            if self.shutdown_cause is not None or self.reader.offset == 0:
+                # A guest that shut down is not a failure (QEMU exits after
+                # replaying it), and with no log yet there is nothing to go
+                # live with: wait for a primary.
+                await asyncio.sleep(retry)
+                continue
+            try:
+                verdict = await go_live.contend(self.config, "backup", reason)
+            except LockUnavailable as e:
+                self.state = "primary-failed-no-lock"
+                self._error(f"primary failed ({reason}) but the go-live lock is unreachable: "
+                            f"not going live ({e})")
+                await asyncio.sleep(retry)
+                continue
+            if not verdict.won:
+                self.state = "stopped"
+                holder = verdict.holder
+                self._error(f"the primary failed ({reason}) but the go-live lock is held by "
+                            f"{go_live.holder_text(holder)}: it runs the VM, "
+                            "this backup stops for good")
+                return "lost-lock"
+            try:
+                await self._go_live()
+            except go_live.GoLiveError as e:
+                self.state = "failed"
+                self._error(f"going live failed: {e}")
+                return "failed"
+            return "live"
+
+    async def _go_live(self) -> None:
+        self.state = "going-live"
+        if self._channel is not None:
+            self._channel.close()
+        if self._session_task is not None:
+            self._session_task.cancel()
+        assert self.feeder is not None and self.machine.pid is not None
+        await self.feeder.written()
+        emit(log, "going-live", icount=self.feeder.fed_icount,
+             unfed_bytes=len(self._unfed), received_icount=self.reader.icount)
+        await go_live.freeze_and_save(self.machine.qmp, self.machine.pid, self.machine.rrfile,
+                                      self.feeder.fd, self.feeder.fed_icount, timeout=120)
+        await self.machine.stop()
+
+    async def run(self) -> str:
+        """Replay until the guest shuts down or the primary fails.
+
+        Returns "shut-down" (the primary's guest shut down and we replayed
+        it), "live" (this side won the lock: the caller runs the VM on from
+        the go-live snapshot), "lost-lock" or "failed"."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = open_fifo(self.machine.rrfile)
         self.feeder = ReplayFeeder(fd)
         feeding = asyncio.create_task(self.feeder.run())
-        channel = await asyncio.start_server(self._on_connection, self.config.backup.address,
-                                             self.config.backup.log_port)
+        self._channel = await asyncio.start_server(
+            self._on_connection, self.config.backup.address, self.config.backup.log_port)
+        await self.detector.start()
         status = await serve(self.run_dir / SOCKET_NAME, self.snapshot)  # answers once listening
         emit(log, "listening", address=self.config.backup.address,
              port=self.config.backup.log_port)
@@ -224,10 +316,17 @@ class BackupController:
                                 self.machine.paths.guest_net) if self.machine.spec.mac else None
         if guest is not None:
             guest.listen(self.divergence.backup_produced)
+        watch: asyncio.Task[str] | None = None
         try:
             await self.machine.launch()
             self.state = "waiting-for-primary"
-            code = await self.machine.wait()
+            watch = asyncio.create_task(self._watch_primary())
+            exited = asyncio.create_task(self.machine.wait())
+            await asyncio.wait({watch, exited}, return_when=asyncio.FIRST_COMPLETED)
+            if watch.done() or self.state == "going-live":  # going live stops QEMU itself
+                exited.cancel()
+                return await watch
+            code = exited.result()
             emit(log, "qemu-exited", code=code, shutdown_cause=self.shutdown_cause,
                  icount=self.reader.icount)
             if self.shutdown_cause is not None:
@@ -235,12 +334,15 @@ class BackupController:
                 # so the backup does not go live (paper section 2.3).
                 self.state = "shut-down"
                 emit(log, "shutdown-replayed", cause=self.shutdown_cause)
-                return 0
+                return "shut-down"
             self.state = "failed"
             self._error(f"replay QEMU exited with {code}: {self.machine.stderr_tail()}")
-            return 1
+            return "failed"
         finally:
-            channel.close()
+            if watch is not None:
+                watch.cancel()
+            self._channel.close()
+            self.detector.close()
             status.close()
             feeding.cancel()
             if guest is not None:

@@ -18,6 +18,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import config as cfg
 from . import status as st
@@ -38,29 +39,39 @@ def _load_config(path: Path) -> cfg.FTConfig:
 
 
 def _run_side(args: argparse.Namespace, role: str) -> int:
+    from .backup import BackupController
+    from .go_live import SNAPSHOT
     from .images import ImageMissing, locate
+    from .primary import PrimaryController
 
     config = _load_config(args.config)
     try:
         image = locate(config.vm.image_cache)
     except ImageMissing as e:
         raise SystemExit(f"vmft: {e}") from None
-    if role == "primary":
-        from .primary import PrimaryController as Controller
-        run_dir = config.primary.run_dir
-    else:
-        from .backup import BackupController as Controller  # type: ignore[assignment]
-        run_dir = config.backup.run_dir
+    run_dir = config.primary.run_dir if role == "primary" else config.backup.run_dir
     to_jsonl(run_dir / "events.jsonl", config.vm.name, role)
-    controller = Controller(config, image)
 
-    async def main() -> int:
+    async def serve(controller: PrimaryController | BackupController) -> Any:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, controller.machine.terminate)
         return await controller.run()
 
+    async def main() -> int:
+        if role == "primary":
+            return await serve(PrimaryController(config, image))
+        outcome = await serve(BackupController(config, image))
+        if outcome != "live":
+            return BACKUP_EXIT[outcome]
+        # This side won the go-live lock: the VM runs on here, alone.
+        return await serve(PrimaryController(config, image, host="backup", resume=SNAPSHOT))
+
     return asyncio.run(main())
+
+
+# The backup's exit status for each way its replay can end.
+BACKUP_EXIT = {"shut-down": 0, "failed": 1, "lost-lock": 3}
 
 
 def cmd_primary(args: argparse.Namespace) -> int:

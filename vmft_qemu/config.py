@@ -31,9 +31,26 @@ an error naming its key and what is allowed.
     control = true                # slow the primary down when the backup lags
 
     [channel]
-    heartbeat_ms = 100            # heartbeat frames while the log is quiet
+    heartbeat_ms = 50             # heartbeat frames while the log is quiet
     max_frame_kib = 256           # largest LOG frame
     reconnect_ms = 200            # primary's pause between connection attempts
+
+    [failure]
+    heartbeat_ms = 50             # UDP heartbeats to the partner this often
+    heartbeat_port = 7401         # UDP port at backup.address; the backup answers the
+                                  # primary's heartbeats at the address they came from
+    timeout_ms = 250              # partner silent (UDP and log channel) this long: failed
+    channel_grace_ms = 3000       # heartbeats but no log channel this long: failed too
+
+    [lock]
+    backend = "path"              # path: exclusive create under `path` (a mounted share)
+                                  # nfs: speak NFS to `server` itself (libnfs)
+                                  # none: never go live alone (no failover)
+    path = "/var/lib/vmft/locks"  # backend "path": the directory on the share
+    server = ""                   # backend "nfs": the NFS server's address
+    export = "/vmft"              # backend "nfs": the exported directory
+    timeout_ms = 1000             # give up on the lock after this: do not go live
+    epoch = 1                     # the FT pair's generation; both sides race for it
 """
 
 from __future__ import annotations
@@ -92,12 +109,32 @@ class ChannelConfig:
 
 
 @dataclass(frozen=True)
+class FailureConfig:
+    heartbeat_ms: int
+    heartbeat_port: int
+    timeout_ms: int
+    channel_grace_ms: int
+
+
+@dataclass(frozen=True)
+class LockConfig:
+    backend: str
+    path: Path
+    server: str
+    export: str
+    timeout_ms: int
+    epoch: int
+
+
+@dataclass(frozen=True)
 class FTConfig:
     vm: VMConfig
     primary: PrimaryConfig
     backup: BackupConfig
     lag: LagConfig
     channel: ChannelConfig
+    failure: FailureConfig
+    lock: LockConfig
     source: str = "<defaults>"
 
 
@@ -185,9 +222,23 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "control": (_boolean, True),
     },
     "channel": {
-        "heartbeat_ms": (_int_range(10, 10_000), 100),
+        "heartbeat_ms": (_int_range(10, 10_000), 50),
         "max_frame_kib": (_int_range(4, 4096), 256),
         "reconnect_ms": (_int_range(10, 60_000), 200),
+    },
+    "failure": {
+        "heartbeat_ms": (_int_range(10, 10_000), 50),
+        "heartbeat_port": (_int_range(1, 65535), 7401),
+        "timeout_ms": (_int_range(50, 600_000), 250),
+        "channel_grace_ms": (_int_range(100, 600_000), 3000),
+    },
+    "lock": {
+        "backend": (_string(r"path|nfs|none", "path, nfs or none"), "path"),
+        "path": (_path, "/var/lib/vmft/locks"),
+        "server": (_string(r"|[\w.:-]+", "an NFS server's host name or address, or \"\""), ""),
+        "export": (_path, "/vmft"),
+        "timeout_ms": (_int_range(50, 600_000), 1000),
+        "epoch": (_int_range(1, 2**62), 1),
     },
 }
 
@@ -228,12 +279,22 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> FTConfig:
         raise ConfigError(
             f"{source}: backup.run_dir = {str(backup['run_dir'])!r}: must differ from "
             "primary.run_dir (each side keeps its own log pipe and disk)")
+    failure = _section(raw, "failure", source)
+    if failure["timeout_ms"] < 2 * failure["heartbeat_ms"]:
+        raise ConfigError(f"{source}: failure.timeout_ms = {failure['timeout_ms']}: must be at "
+                          f"least twice failure.heartbeat_ms ({failure['heartbeat_ms']}), or one "
+                          "late heartbeat declares a healthy partner failed")
+    lock = _section(raw, "lock", source)
+    if lock["backend"] == "nfs" and not lock["server"]:
+        raise ConfigError(f"{source}: lock.server: backend \"nfs\" needs the NFS server's address")
     return FTConfig(
         vm=VMConfig(**vm),
         primary=PrimaryConfig(**primary),
         backup=BackupConfig(**backup),
         lag=LagConfig(**_section(raw, "lag", source)),
         channel=ChannelConfig(**_section(raw, "channel", source)),
+        failure=FailureConfig(**failure),
+        lock=LockConfig(**lock),
         source=source,
     )
 

@@ -33,9 +33,11 @@ MAGIC = b"VMFT"
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct(">4sBBHQQQII")
 MAX_PAYLOAD = 4 << 20
-# An ACK carries the backup's replay position: offset and icount it has fed to
-# its QEMU (what the QEMU has consumed of the pipe, to within stdio read-ahead).
-ACK_PAYLOAD = struct.Struct(">QQ")
+# An ACK carries the backup's replay position (offset and icount it has fed to
+# its QEMU: what the QEMU has consumed of the pipe, to within stdio read-ahead)
+# and the icount up to which it could go live: the last safe point it has
+# received (`ReplayLogReader.safe_point`).  The output gate releases against that.
+ACK_PAYLOAD = struct.Struct(">QQQ")
 # A DIGEST: which of the guest's outbound frames (1, 2, ...) and its SHA-256.
 DIGEST_PAYLOAD = struct.Struct(">Q32s")
 

@@ -110,15 +110,17 @@ class MachinePaths:
 
 
 def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
-                 rrfile: Path | None = None) -> list[str]:
-    """QEMU's arguments for `spec` in `role`; identical devices in every role."""
+                 rrfile: Path | None = None, loadvm: str | None = None) -> list[str]:
+    """QEMU's arguments for `spec` in `role`; identical devices in every role.
+
+    With `loadvm`, the guest resumes from that snapshot (taken by `go_live`)."""
     args = [
         spec.qemu, "-name", spec.name, "-machine", "q35", "-cpu", "qemu64",
         "-m", str(spec.memory_mib), "-nodefaults", "-no-user-config",
         "-display", "none",
         "-kernel", str(spec.image.kernel), "-initrd", str(spec.image.initrd),
         "-append", spec.append,
-        "-chardev", f"file,id=console,path={paths.console}", "-serial", "chardev:console",
+        "-chardev", f"file,id=console,path={paths.console},append=on", "-serial", "chardev:console",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
         # A qcow2 drive no device uses: where savevm puts the VM state.
         "-drive", f"file={paths.snapshots},if=none,id=rr,format=qcow2",
@@ -161,6 +163,8 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
             raise FileNotFoundError(f"{plugin} is missing: build it with `make -C qemu_plugins` "
                                     "(part of `make setup`)")
         args += ["-plugin", f"{plugin},interval_us={spec.log_flush_us}"]
+    if loadvm:
+        args += ["-loadvm", loadvm]
     return args
 
 
@@ -178,8 +182,12 @@ class Machine:
     """One QEMU process of the FT pair (or of a benchmark baseline)."""
 
     def __init__(self, spec: VMSpec, role: Role, run_dir: Path,
-                 rrfile: Path | None = None, netns: str | None = None) -> None:
+                 rrfile: Path | None = None, netns: str | None = None,
+                 loadvm: str | None = None) -> None:
+        """`loadvm`: resume from that snapshot in run_dir's own disk and
+        snapshot drive (left by a replay that went live) instead of booting."""
         self.spec = spec
+        self.loadvm = loadvm
         self.netns = netns  # run QEMU in this network namespace
         self.role = role
         self.paths = MachinePaths(run_dir)
@@ -191,8 +199,11 @@ class Machine:
     def prepare(self) -> None:
         """Create the run directory, the snapshot drive and this side's disk copy."""
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in (self.paths.qmp, self.paths.console, self.paths.disk,
-                      self.paths.snapshots, self.paths.guest_net):
+        for stale in (self.paths.qmp, self.paths.guest_net):
+            stale.unlink(missing_ok=True)
+        if self.loadvm:
+            return  # the guest carries on: same console, disk and snapshots
+        for stale in (self.paths.console, self.paths.disk, self.paths.snapshots):
             stale.unlink(missing_ok=True)
         _qemu_img("create", "-f", "qcow2", str(self.paths.snapshots), "16M")
         if self.spec.disk:
@@ -201,7 +212,7 @@ class Machine:
 
     @property
     def args(self) -> list[str]:
-        args = command_line(self.spec, self.role, self.paths, self.rrfile)
+        args = command_line(self.spec, self.role, self.paths, self.rrfile, self.loadvm)
         return ["ip", "netns", "exec", self.netns, *args] if self.netns else args
 
     async def launch(self) -> None:
@@ -261,6 +272,12 @@ class Machine:
         if self.running():
             assert self.process is not None
             self.process.terminate()
+
+    def kill(self) -> None:
+        """Stop QEMU at once (SIGKILL): this side must not run the guest any more."""
+        if self.running():
+            assert self.process is not None
+            self.process.kill()
 
     async def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `timeout`; always reaps the process."""

@@ -13,6 +13,10 @@ log up to icount N, every held frame stamped <= N is released, in order.  The
 backup's gate stays shut: its guest's output is never released (QEMU's
 filter-replay drops it already).
 
+A primary whose backup failed, and that won the test-and-set, opens the gate
+for good (`open()`): everything held leaves, and from then on every frame
+leaves at once.
+
 Each release is written to an audit trail (JSON lines) with the stamp and the
 acknowledged icount that released it, so the rule can be checked afterwards.
 """
@@ -41,6 +45,7 @@ class OutputGate:
         self._held: collections.deque[HeldFrame] = collections.deque()
         self._seq = 0
         self.acked = 0  # highest icount the backup has acknowledged
+        self.is_open = False  # no backup to wait for: frames pass at once
         self.released = 0
         self.last_hold_ms = 0.0
         self.max_hold_ms = 0.0
@@ -52,7 +57,7 @@ class OutputGate:
 
     def hold(self, data: bytes, stamp: int, held_at: float) -> None:
         """A frame from the guest, stamped; it leaves once the backup has `stamp`."""
-        if self._held and stamp < self._held[-1].stamp:
+        if self._held and stamp < self._held[-1].stamp and not self.is_open:
             raise ValueError(f"stamp {stamp} is older than the last held frame's")
         self._seq += 1
         self._held.append(HeldFrame(self._seq, data, stamp, held_at))
@@ -64,8 +69,13 @@ class OutputGate:
             self.acked = icount
             self._drain()
 
+    def open(self) -> None:
+        """The primary runs alone: release everything, and hold nothing from now on."""
+        self.is_open = True
+        self._drain()
+
     def _drain(self) -> None:
-        while self._held and self._held[0].stamp <= self.acked:
+        while self._held and (self.is_open or self._held[0].stamp <= self.acked):
             frame = self._held.popleft()
             self._release(frame.data)
             now = time.monotonic()
@@ -75,6 +85,7 @@ class OutputGate:
             if self._audit:
                 self._audit.write(json.dumps({
                     "seq": frame.seq, "stamp": frame.stamp, "acked": self.acked,
+                    "open": self.is_open,
                     "bytes": len(frame.data), "hold_ms": round(self.last_hold_ms, 3)}) + "\n")
 
     def close(self) -> None:

@@ -46,10 +46,12 @@ class LocalPair:
     def __init__(self, root: Path, workload: str = "ticks", name: str | None = None,
                  log_port: int | None = None, primary_target_port: int | None = None,
                  network: Topology | None = None, extra_config: str = "",
-                 primary_target_address: str | None = None) -> None:
+                 primary_target_address: str | None = None, lock: str | None = None) -> None:
         """With `network`, the primary runs on host "a" and the backup on "b"
         of that topology, the guest has a NIC on its LAN, and the log channel
-        runs over the hosts' FT link; without, both run here on loopback."""
+        runs over the hosts' FT link; without, both run here on loopback.
+        `lock` is the [lock] table's body; by default both sides share a
+        lock directory under `root` (one machine: shared storage for free)."""
         self.root = root
         self.log_port = log_port or free_port()
         self.name = name or f"vm{self.log_port}"
@@ -64,6 +66,10 @@ class LocalPair:
             address = network.hosts["b"].ft_ip
             nic = f'mac = "{GUEST_MAC}"\nip = "{GUEST_IP}/{LAN_PREFIX}"\n'
         tap = f'tap = "{TAP}"\n' if nic else ""
+        if lock is None:
+            (root / "locks").mkdir(exist_ok=True)
+            lock = f'backend = "path"\npath = "{root / "locks"}"\n'
+        self.heartbeat_port = free_port()
         # The backup listens on log_port; the primary connects to
         # primary_target_port when something (a fault proxy) sits between them.
         targets = {"primary": (primary_target_address or address,
@@ -74,7 +80,9 @@ class LocalPair:
                 f'[vm]\nname = "{self.name}"\nworkload = "{workload}"\n{nic}'
                 f'[primary]\nrun_dir = "{self.run_dir("primary")}"\n{tap}'
                 f'[backup]\nrun_dir = "{self.run_dir("backup")}"\n{tap}'
-                f'address = "{addr}"\nlog_port = {port}\n{extra_config}')
+                f'address = "{addr}"\nlog_port = {port}\n'
+                f'[failure]\nheartbeat_port = {self.heartbeat_port}\n'
+                f'[lock]\n{lock}{extra_config}')
 
     def config(self, role: str) -> Path:
         return self.root / f"{role}.toml"

@@ -6,6 +6,13 @@ Here QEMU (`rr=record`) writes its replay log into a pipe; this controller
 splits it into complete events, keeps every byte the backup has not yet
 acknowledged (the retained log), sends it as LOG frames and tracks the ACKs.
 If the connection breaks it reconnects and resends from the backup's last ACK.
+
+When the failure detector declares the backup failed, the primary must win the
+test-and-set before it goes on alone (section 2.3): then it releases output
+without waiting and stops shipping log.  If the backup won instead (it went
+live), this primary stops its VM for good.  A backup that went live runs the
+VM on through this same controller, "alone" from the start, resumed from the
+go-live snapshot.
 """
 
 from __future__ import annotations
@@ -19,9 +26,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Coroutine
 
+from . import go_live
 from . import log_channel as lc
 from .config import FTConfig
 from .events import emit
+from .failure_detector import FailureDetector
 from .images import GuestImage
 from .lag_control import LagControl
 from .log_pipe import open_fifo
@@ -29,7 +38,8 @@ from .machine import Machine, Role, VMSpec
 from .output_gate import OutputGate
 from .replay_log import REPLAY_VERSION, ReplayLogReader
 from .status import SOCKET_NAME, RateMeter, serve
-from .vnic import Port, open_guest_port, open_tap
+from .test_and_set import LockUnavailable
+from .vnic import Port, gratuitous_arp, open_guest_port, open_tap
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +123,21 @@ class RetainedLog:
 
 
 class PrimaryController:
-    def __init__(self, config: FTConfig, image: GuestImage) -> None:
+    def __init__(self, config: FTConfig, image: GuestImage, host: str = "primary",
+                 resume: str | None = None) -> None:
+        """`host`: which host of the config this runs on ("backup" after a
+        go-live); `resume`: the snapshot to resume the guest from, which also
+        means running alone (the partner is gone)."""
         self.config = config
-        self.run_dir = config.primary.run_dir
+        side = config.primary if host == "primary" else config.backup
+        self.run_dir = side.run_dir
+        self.tap_name = side.tap
         self.machine = Machine(VMSpec.from_config(config, image), Role.RECORD,
-                               self.run_dir, rrfile=self.run_dir / "record.fifo")
+                               self.run_dir, rrfile=self.run_dir / "record.fifo", loadvm=resume)
+        self.alone = resume is not None
+        self.exit_code: int | None = None
+        self.detector = FailureDetector(config, "primary")
+        self._shipping: asyncio.Task[None] | None = None
         self.reader = ReplayLogReader()
         self.retained = RetainedLog()
         self.acked = Position()
@@ -162,7 +182,8 @@ class PrimaryController:
         complete = self.reader.split(data)
         if not complete:
             return
-        self.retained.append(Segment(start, complete, self.reader.icount))
+        if not self.alone:
+            self.retained.append(Segment(start, complete, self.reader.icount))
         self._icount_rate.add(self.reader.icount)
         self._byte_rate.add(self.reader.offset)
         clock = self.reader.clock
@@ -208,14 +229,21 @@ class PrimaryController:
         if welcome.type != lc.FrameType.ACK:
             raise lc.ProtocolMismatch(f"expected ACK after HELLO, got {welcome.type.name}")
         self._on_ack(welcome)
+        if self.alone:
+            raise ChannelRefused("this primary went on alone; a backup must be re-created")
         if welcome.offset < self.retained.start:
             raise ChannelRefused(
                 f"backup has the log up to offset {welcome.offset} but the primary keeps "
                 f"it only from {self.retained.start}: the backup must be re-created")
         self.connected = True
+        self.detector.set_channel(True)
         self.state = "protected"
         emit(log, "backup-connected", resume_offset=welcome.offset)
-        await first_failure(self._send_log(sender, welcome.offset), self._read_acks(reader, order))
+        try:
+            await first_failure(self._send_log(sender, welcome.offset),
+                                self._read_acks(reader, order))
+        finally:
+            self.detector.set_channel(False)
 
     async def _send_log(self, sender: lc.Sender, offset: int) -> None:
         heartbeat = self.config.channel.heartbeat_ms / 1000
@@ -241,6 +269,7 @@ class PrimaryController:
         while True:
             frame = await asyncio.wait_for(lc.read_frame(reader), silence)
             order.check(frame)
+            self.detector.heard()
             if frame.type == lc.FrameType.REFUSE:
                 raise ChannelRefused(frame.json().get("reason", "no reason given"))
             if frame.type == lc.FrameType.ACK:
@@ -251,11 +280,13 @@ class PrimaryController:
             raise lc.ProtocolMismatch(
                 f"ACK for offset {frame.offset} beyond the log recorded so far ({self.reader.offset})")
         self.acked = Position(frame.offset, frame.icount)
-        if len(frame.payload) == lc.ACK_PAYLOAD.size:
-            self.backup_replayed = Position(*lc.ACK_PAYLOAD.unpack(frame.payload))
+        replayed_offset, replayed_icount, safe_icount = lc.ACK_PAYLOAD.unpack(frame.payload)
+        self.backup_replayed = Position(replayed_offset, replayed_icount)
         self.retained.release(frame.offset)
         if self.gate is not None:
-            self.gate.acknowledged(frame.icount)
+            # Released against the point the backup could go live at, which
+            # may be a few events before the end of what it received.
+            self.gate.acknowledged(safe_icount)
         sent_at = None
         while self._sent_at and self._sent_at[0][0] <= frame.offset:
             sent_at = self._sent_at.popleft()[1]
@@ -268,7 +299,7 @@ class PrimaryController:
     def _connect_network(self) -> None:
         paths = self.machine.paths
         guest = open_guest_port(paths.controller_net, paths.guest_net)
-        self._tap = tap = open_tap(self.config.primary.tap)
+        self._tap = tap = open_tap(self.tap_name)
         self._ports = [guest, tap]
         self.gate = OutputGate(self._release, audit=self.run_dir / "gate.jsonl")
         tap.listen(guest.send)
@@ -283,6 +314,10 @@ class PrimaryController:
         self._new_log.set()
 
     def _on_guest_frame(self, frame: bytes) -> None:
+        assert self.gate is not None
+        if self.gate.is_open:  # alone: nobody to wait for
+            self.gate.hold(frame, self.reader.icount, time.monotonic())
+            return
         self._unstamped.append((frame, time.monotonic()))
         self._stamp_wanted.set()
 
@@ -319,6 +354,8 @@ class PrimaryController:
     def lag_ms(self) -> float:
         """How far behind the backup is, in the primary's clock: the last clock
         value the primary recorded minus the last one the backup has replayed."""
+        if self.alone:
+            return 0.0
         marks, replayed = self._clock_marks, self.backup_replayed.offset
         while len(marks) > 1 and marks[1][0] <= replayed:
             marks.popleft()
@@ -338,6 +375,7 @@ class PrimaryController:
             "ack_delay_ms": self.ack_delay_ms, "retained_bytes": self.retained.nbytes,
             "throttle_share": self.lag_control.share, "throttle_reason": self.lag_control.reason,
             "connected": self.connected, "shutdown_cause": self.shutdown_cause,
+            "alone": self.alone, "partner": None if self.alone else self.detector.snapshot(),
             "gate": None if self.gate is None else {
                 "held": self.gate.held + len(self._unstamped), "released": self.gate.released,
                 "last_hold_ms": self.gate.last_hold_ms, "max_hold_ms": self.gate.max_hold_ms},
@@ -354,23 +392,76 @@ class PrimaryController:
         except TimeoutError:
             return False
 
+    # --- the backup failed: go on alone, or stop ---------------------------------
+
+    async def _watch_backup(self) -> None:
+        """Wait for the backup to fail, then contend for the go-live lock."""
+        retry = max(self.config.lock.timeout_ms / 1000, 0.5)
+        while True:
+            reason = await self.detector.wait_failure()
+            if self.shutdown_cause is not None:
+                return  # the guest is shutting down: nothing to take over
+            try:
+                verdict = await go_live.contend(self.config, "primary", reason)
+            except LockUnavailable as e:
+                # Not going alone: the output stays held, so the outside world
+                # sees nothing the backup could contradict should it win later.
+                self.state = "backup-failed-no-lock"
+                self._error(f"backup failed ({reason}) but the go-live lock is unreachable: "
+                            f"holding output ({e})")
+                await asyncio.sleep(retry)
+                continue
+            if verdict.won:
+                self._go_alone(reason)
+            else:
+                holder = verdict.holder
+                self.state = "stopped"
+                self.exit_code = 3
+                self._error(f"lost the go-live lock to {go_live.holder_text(holder)}"
+                            f" ({reason}): the backup runs the VM now, this primary stops for good")
+                self.machine.kill()
+            return
+
+    def _go_alone(self, reason: str) -> None:
+        self.alone = True
+        self.state = "alone"
+        if self._shipping is not None:
+            self._shipping.cancel()
+        self.retained = RetainedLog()
+        if self.gate is not None:
+            self.gate.open()
+        emit(log, "going-alone", logging.WARNING, reason=reason, icount=self.reader.icount)
+
     async def run(self) -> int:
-        """Run until the guest shuts down; returns the exit status for the CLI."""
+        """Run until the guest shuts down; returns the exit status for the CLI:
+        0 after a clean shutdown, 3 when the backup won the go-live lock, 1 on failure."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         fd = open_fifo(self.machine.rrfile)
         loop = asyncio.get_running_loop()
         loop.add_reader(fd, self._on_record_readable, fd)
         server = await serve(self.run_dir / SOCKET_NAME, self.snapshot)
-        background = [self._task(self._ship_forever(), "log shipping")]
+        background: list[asyncio.Task[None]] = []
         try:
             if self.machine.spec.mac:
                 self._connect_network()
+            if self.alone:
+                self.state = "alone"
+                if self.gate is not None:
+                    self.gate.open()
+            else:
+                await self.detector.start()
+                self._shipping = self._task(self._ship_forever(), "log shipping")
+                background += [self._shipping, self._task(self._watch_backup(), "failure watch")]
             await self.machine.launch()
+            if self.alone and self._tap is not None and self.machine.spec.ip:
+                # The guest now sends from this host: let the LAN's switches learn it.
+                self._tap.send(gratuitous_arp(self.machine.spec.mac, self.machine.spec.ip))
             if self.gate is not None:
                 background.append(self._task(self._stamp_forever(), "output stamping"))
-            emit(log, "recording", qemu_pid=self.machine.pid)
-            self.state = "unprotected"
-            if self.config.lag.control:
+            emit(log, "recording", qemu_pid=self.machine.pid, resumed=self.machine.loadvm)
+            if not self.alone:
+                self.state = "unprotected"
+            if self.config.lag.control and not self.alone:
                 assert self.machine.pid is not None
                 background.append(self._task(self.lag_control.run(
                     self.machine.pid, self.lag_ms, lambda: self.connected), "lag control"))
@@ -378,12 +469,14 @@ class PrimaryController:
             self._on_record_readable(fd)  # whatever QEMU wrote last
             emit(log, "qemu-exited", code=code, shutdown_cause=self.shutdown_cause,
                  icount=self.reader.icount, log_bytes=self.reader.offset)
+            if self.exit_code is not None:
+                return self.exit_code
             if code != 0 or not self.reader.ended:
                 self.state = "failed"
                 self._error(f"record QEMU exited with {code}: {self.machine.stderr_tail()}")
                 return 1
             self.state = "shutting-down"
-            delivered = await self._wait_acked(self.reader.offset, 30)
+            delivered = self.alone or await self._wait_acked(self.reader.offset, 30)
             self.state = "shut-down"
             emit(log, "shutdown-complete", backup_has_all=delivered)
             return 0
@@ -391,6 +484,7 @@ class PrimaryController:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            self.detector.close()
             for port in self._ports:
                 port.close()
             if self.gate is not None:

@@ -43,6 +43,11 @@ RANDOM = 27
 CLOCK_FIRST, CLOCK_LAST = 28, 29  # HOST, VIRTUAL_RT
 CLOCK_VIRTUAL_RT = 29  # the clock icount warps follow: the guest's time base
 CHECKPOINT_FIRST, CHECKPOINT_LAST = 30, 38
+# Written by the recorder right after it has logged (and run) every pending
+# async event (icount_account_warp_timer): a point where no device work is
+# queued between the log and the guest.  See `ReplayLogReader.safe_point`.
+CHECKPOINT_CLOCK_WARP_ACCOUNT = 31
+ASYNC_BLOCK = 8
 END = 39
 
 _ASYNC_NAMES = ("BH", "BH_ONESHOT", "INPUT", "INPUT_SYNC", "CHAR_READ", "BLOCK", "NET")
@@ -239,6 +244,7 @@ class ReplayLogReader:
         self.events_seen = 0
         self.clock: tuple[int, int] | None = None  # (offset after it, ns)
         self.shutdown: str | None = None
+        self.safe_point = (offset, icount)
         self._pending = b""
 
     @property
@@ -262,7 +268,7 @@ class ReplayLogReader:
         buf = self._pending + data if self._pending else bytes(data)
         fixed, base = _FIXED, self.offset
         pos, n, count, seen = 0, len(buf), self.icount, 0
-        clock, shutdown, ended = self.clock, self.shutdown, self.ended
+        clock, shutdown, ended, safe = self.clock, self.shutdown, self.ended, self.safe_point
         while pos < n and not ended:
             kind = buf[pos]
             size = fixed[kind]
@@ -283,6 +289,8 @@ class ReplayLogReader:
             elif kind == CLOCK_VIRTUAL_RT:
                 value = int.from_bytes(buf[pos + 1:end], "big", signed=True)
                 clock = (base + end, value)
+            elif kind == CHECKPOINT_CLOCK_WARP_ACCOUNT:
+                safe = (base + end, count)
             elif kind >= SHUTDOWN_FIRST:
                 if kind <= SHUTDOWN_LAST and shutdown is None:
                     shutdown = _SHUTDOWN_CAUSES[kind - SHUTDOWN_FIRST]
@@ -300,10 +308,23 @@ class ReplayLogReader:
             raise LogFormatError(
                 f"log data ends at icount {count}, but its frame says {icount}")
         self.offset, self.icount, self.ended = base + pos, count, ended
-        self.clock, self.shutdown = clock, shutdown
+        self.clock, self.shutdown, self.safe_point = clock, shutdown, safe
         self._pending = b"" if ended else buf[pos:]
         self.events_seen += seen
         return buf[:pos]
+
+
+def instruction_event(count: int) -> bytes:
+    """An INSTRUCTION event: run `count` more instructions.  With count 0 a
+    replaying QEMU never finishes it and never reads the log again: the guest
+    stays frozen where it is while QMP keeps answering."""
+    return struct.pack(">BI", INSTRUCTION, count)
+
+
+def any_block_completion() -> bytes:
+    """An ASYNC BLOCK event that completes whichever disk request finished first
+    (QEMU matches a request id of -1 to the first one queued)."""
+    return struct.pack(">BQ", ASYNC_BLOCK, (1 << 64) - 1)
 
 
 def read_file_header(header: bytes) -> int:

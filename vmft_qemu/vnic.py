@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import ipaddress
 import os
 import socket
 import struct
@@ -82,3 +83,15 @@ def open_guest_port(own: Path, qemu: Path) -> Port:
     sock.setblocking(False)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     return Port(sock.fileno(), lambda frame: sock.sendto(frame, str(qemu)), sock.close)
+
+
+def gratuitous_arp(mac: str, ip: str) -> bytes:
+    """A broadcast ARP request for `ip` from `mac` (`ip` may carry a /prefix).
+
+    Sent once the guest runs on a new host, so the LAN's bridges learn the
+    port its MAC is behind now and hosts refresh their ARP caches."""
+    hw = bytes.fromhex(mac.replace(":", ""))
+    addr = ipaddress.ip_interface(ip).ip.packed
+    broadcast = b"\xff" * 6
+    arp = struct.pack(">HHBBH", 1, 0x0800, 6, 4, 1) + hw + addr + b"\x00" * 6 + addr
+    return broadcast + hw + struct.pack(">H", 0x0806) + arp

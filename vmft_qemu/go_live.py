@@ -1,0 +1,159 @@
+"""Go-live: the backup stops replaying where the primary was and runs live.
+
+Paper section 2.3: after the primary fails (and this side has won the
+test-and-set), the backup "must continue replaying its execution from the log
+entries until it has consumed the last log entry.  At that point, the backup VM
+will stop replaying mode and start executing as a normal VM."
+
+QEMU has no switch from replay to live execution, so the backup:
+
+1. feeds its replaying QEMU every received byte up to the log's last safe point
+   (`ReplayLogReader.safe_point`; the backup controller never feeds further);
+2. waits until QEMU has consumed all of it: one of its threads sits in read()
+   on the empty replay pipe (`replay_starved`);
+3. appends a tail that lets it stop there without reading past it: up to
+   `MAX_DRAINED` wildcard disk completions (requests the primary had in flight:
+   they complete now, as they would on a live machine) and an INSTRUCTION event
+   of count 0, which QEMU never finishes, so the guest stays frozen while QMP
+   answers (a replaying QEMU starved of log does not answer QMP; one that meets
+   end-of-file exits: qemu-rr-facts.md);
+4. pauses it (`stop`), checks it stands at the safe point's icount and takes
+   its state with `savevm` (retried while a disk completion is still queued);
+5. the caller then starts a record-mode QEMU from that snapshot (`-loadvm`),
+   on this host's disk copy, and puts it on the LAN.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from qemu.qmp import QMPClient
+
+from .config import FTConfig
+from .events import emit
+from . import test_and_set
+from .log_pipe import unread_bytes
+from .replay_log import any_block_completion, instruction_event
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT = "vmft-go-live"
+MAX_DRAINED = 64  # more disk requests than a small guest ever has in flight
+SYS_READ = 0  # x86_64 syscall number, as /proc/PID/task/TID/syscall shows it
+POLL = 0.002
+
+
+async def contend(config: FTConfig, role: str, reason: str) -> test_and_set.Verdict:
+    """The test-and-set every side must win before it runs the VM alone.
+
+    Raises `test_and_set.LockUnavailable` when the shared storage does not
+    answer in time (or the pair has no lock): then this side must not go live."""
+    lock = test_and_set.open_lock(config.lock)
+    if lock is None:
+        raise test_and_set.LockUnavailable("lock.backend is \"none\": this pair never goes live alone")
+    owner = test_and_set.LockOwner(host=socket.gethostname(), pid=os.getpid(), vm=config.vm.name,
+                                   epoch=config.lock.epoch, role=role)
+    verdict = await test_and_set.acquire(lock, owner, config.lock.timeout_ms / 1000)
+    emit(log, "go-live-lock", role=role, won=verdict.won, reason=reason,
+         holder=None if verdict.holder is None else verdict.holder.to_json())
+    return verdict
+
+
+def holder_text(holder: test_and_set.LockOwner | None) -> str:
+    if holder is None:
+        return "the other side (its lock file is still being written)"
+    return f"the {holder.role} (host {holder.host}, pid {holder.pid}, epoch {holder.epoch})"
+
+
+class GoLiveError(RuntimeError):
+    """The backup could not take over; the message says at which step."""
+
+
+def _replay_fd(pid: int, rrfile: Path) -> int | None:
+    """QEMU's file descriptor for its replay log, or None."""
+    fds = Path(f"/proc/{pid}/fd")
+    for entry in fds.iterdir():
+        try:
+            if os.readlink(entry) == str(rrfile):
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+def replay_starved(pid: int, rrfile: Path) -> bool:
+    """True when a thread of QEMU `pid` is blocked reading its (empty) replay log."""
+    fd = _replay_fd(pid, rrfile)
+    if fd is None:
+        raise GoLiveError(f"QEMU {pid} has no open replay log {rrfile}")
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "syscall").read_text().split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[0] == str(SYS_READ) and int(fields[1], 16) == fd:
+            return True
+    return False
+
+
+async def wait_consumed(pid: int, rrfile: Path, pipe_fd: int, timeout: float) -> float:
+    """Wait until QEMU has replayed everything written to the pipe; return seconds."""
+    start = time.monotonic()
+    while not (unread_bytes(pipe_fd) == 0 and replay_starved(pid, rrfile)):
+        if time.monotonic() - start > timeout:
+            raise GoLiveError(f"the replay did not reach the end of the received log "
+                              f"within {timeout:.0f} s ({unread_bytes(pipe_fd)} bytes unread)")
+        await asyncio.sleep(POLL)
+    return time.monotonic() - start
+
+
+def stop_tail() -> bytes:
+    """What to append to the log so the replay ends here, frozen and answering QMP."""
+    return any_block_completion() * MAX_DRAINED + instruction_event(0)
+
+
+async def save_state(qmp: QMPClient, icount: int, timeout: float) -> int:
+    """Pause the frozen replay, check where it stands, savevm; return the attempts.
+
+    `savevm` is refused while QEMU still has a disk completion queued that the
+    log did not deliver; letting the VM run a moment lets the wildcard
+    completions of the tail take it (the guest itself cannot move: it is
+    frozen by the tail's last event)."""
+    deadline = time.monotonic() + timeout
+    attempts = 0
+    while True:
+        attempts += 1
+        await qmp.execute("stop")
+        at = (await qmp.execute("query-replay"))["icount"]
+        if at != icount:
+            raise GoLiveError(f"the replay stopped at icount {at}, not at the end of the "
+                              f"received log ({icount})")
+        out = await qmp.execute("human-monitor-command",
+                                {"command-line": f"savevm {SNAPSHOT}"})
+        if not out.strip():
+            return attempts
+        if "does not allow" not in out or time.monotonic() > deadline:
+            raise GoLiveError(f"savevm failed: {out.strip()}")
+        await qmp.execute("cont")
+        await asyncio.sleep(0.01)
+
+
+async def freeze_and_save(qmp_of: Callable[[], Awaitable[QMPClient]], pid: int, rrfile: Path, pipe_fd: int,
+                          icount: int, timeout: float) -> dict[str, float]:
+    """Steps 2 to 4 above; returns how long each took (seconds)."""
+    t0 = time.monotonic()
+    await wait_consumed(pid, rrfile, pipe_fd, timeout)
+    t1 = time.monotonic()
+    os.write(pipe_fd, stop_tail())
+    qmp = await qmp_of()
+    attempts = await save_state(qmp, icount, timeout)
+    t2 = time.monotonic()
+    times = {"consume_s": t1 - t0, "save_s": t2 - t1, "savevm_attempts": attempts}
+    emit(log, "replay-frozen-and-saved", icount=icount, **times)
+    return times
