@@ -24,26 +24,38 @@ COUNTER_PORT = 7000
 HTTP_PORT = 80
 
 
-def counter(host: str, count: int, timeout: float, command: str = "INC") -> dict[str, Any]:
-    """`count` requests on one connection; every answer and its latency."""
+def counter(host: str, count: int, timeout: float, command: str = "INC",
+            retries: int = 0) -> dict[str, Any]:
+    """`count` requests on one connection; every answer and its latency.
+
+    With `retries`, a broken connection is replaced by a new one (at most that
+    many times) and the requests go on; each replacement is reported, with
+    the error that caused it and the request that had no answer."""
     answers: list[int] = []
     latencies: list[float] = []
+    reconnects: list[dict[str, Any]] = []
     error = None
-    try:
-        with socket.create_connection((host, COUNTER_PORT), timeout=timeout) as sock:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            stream = sock.makefile("rwb", buffering=0)
-            for _ in range(count):
-                start = time.perf_counter()
-                stream.write(f"{command}\n".encode())
-                line = stream.readline()
-                if not line:
-                    raise ConnectionError("the service closed the connection")
-                latencies.append((time.perf_counter() - start) * 1000)
-                answers.append(int(line))
-    except (OSError, ValueError) as e:
-        error = f"{type(e).__name__}: {e}"
-    return {"answers": answers, "latency_ms": latencies, "error": error}
+    while len(answers) < count:
+        try:
+            with socket.create_connection((host, COUNTER_PORT), timeout=timeout) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                stream = sock.makefile("rwb", buffering=0)
+                while len(answers) < count:
+                    start = time.perf_counter()
+                    stream.write(f"{command}\n".encode())
+                    line = stream.readline()
+                    if not line:
+                        raise ConnectionError("the service closed the connection")
+                    latencies.append((time.perf_counter() - start) * 1000)
+                    answers.append(int(line))
+        except (OSError, ValueError) as e:
+            error = f"{type(e).__name__}: {e}"
+            if len(reconnects) >= retries:
+                break
+            reconnects.append({"after_answers": len(answers), "error": error})
+            error = None
+    return {"answers": answers, "latency_ms": latencies, "error": error,
+            "reconnects": reconnects}
 
 
 def http(host: str, path: str, count: int, timeout: float) -> dict[str, Any]:
@@ -76,9 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default="/index.html")
     parser.add_argument("--get", action="store_true", help="counter: GET instead of INC")
     parser.add_argument("--timeout", type=float, default=30.0, help="per socket operation")
+    parser.add_argument("--retries", type=int, default=0,
+                        help="counter: reconnect this many times after a broken connection")
     args = parser.parse_args(argv)
     if args.service == "counter":
-        result = counter(args.host, args.count, args.timeout, "GET" if args.get else "INC")
+        result = counter(args.host, args.count, args.timeout, "GET" if args.get else "INC",
+                         args.retries)
     else:
         result = http(args.host, args.path, args.count, args.timeout)
     json.dump(result, sys.stdout)

@@ -137,16 +137,28 @@ class FailureDetector:
         declared failed at most timeout * 1.1 after it was last heard."""
         check = min(self.every, self.timeout / 10)
         next_beat = 0.0
+        woke = time.monotonic()
         while True:
             now = time.monotonic()
+            stalled = now - woke - check
+            if stalled > check:
+                # This process was not scheduled for a while: the partner's
+                # silence over that time is no evidence (its heartbeats may be
+                # waiting in our socket).  Only count time we were running.
+                self.last_heard += stalled
+                self.channel_changed += stalled
             if now >= next_beat:
                 self._send()
                 next_beat = now + self.every
             reason = self.failure()
             if reason is not None:
+                await asyncio.sleep(0)  # take what is queued for us first
+                reason = self.failure()
+            if reason is not None:
                 emit(log, "partner-failed", logging.WARNING, role=self.role, reason=reason,
                      heartbeats_in=self.heartbeats_in)
                 return reason
+            woke = time.monotonic()
             await asyncio.sleep(check)
 
     def snapshot(self) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import asyncio
 import ctypes
 import enum
 import logging
+import os
 import signal
 import subprocess
 from dataclasses import dataclass
@@ -169,9 +170,11 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
 
 
 def _die_with_parent() -> None:
-    """In the child: get SIGKILL when the controller dies, so no QEMU outlives it."""
+    """In the child: get SIGKILL when the controller dies, so no QEMU outlives it;
+    and run at normal priority even if the controller runs above it."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
 
 
 def _qemu_img(*args: str) -> None:

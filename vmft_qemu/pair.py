@@ -46,12 +46,14 @@ class LocalPair:
     def __init__(self, root: Path, workload: str = "ticks", name: str | None = None,
                  log_port: int | None = None, primary_target_port: int | None = None,
                  network: Topology | None = None, extra_config: str = "",
-                 primary_target_address: str | None = None, lock: str | None = None) -> None:
+                 primary_target_address: str | None = None, lock: str | None = None,
+                 failure: str = "") -> None:
         """With `network`, the primary runs on host "a" and the backup on "b"
         of that topology, the guest has a NIC on its LAN, and the log channel
         runs over the hosts' FT link; without, both run here on loopback.
         `lock` is the [lock] table's body; by default both sides share a
-        lock directory under `root` (one machine: shared storage for free)."""
+        lock directory under `root` (one machine: shared storage for free).
+        `failure` is added to the [failure] table."""
         self.root = root
         self.log_port = log_port or free_port()
         self.name = name or f"vm{self.log_port}"
@@ -81,7 +83,7 @@ class LocalPair:
                 f'[primary]\nrun_dir = "{self.run_dir("primary")}"\n{tap}'
                 f'[backup]\nrun_dir = "{self.run_dir("backup")}"\n{tap}'
                 f'address = "{addr}"\nlog_port = {port}\n'
-                f'[failure]\nheartbeat_port = {self.heartbeat_port}\n'
+                f'[failure]\nheartbeat_port = {self.heartbeat_port}\n{failure}'
                 f'[lock]\n{lock}{extra_config}')
 
     def config(self, role: str) -> Path:
