@@ -8,68 +8,30 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from vmft_qemu.pair import LocalPair, wait_for
-from vmft_qemu.topology import GUEST_IP, Host, Topology
+from vmft_qemu.pair import LocalPair, pull_the_plug, wait_for
+from vmft_qemu.topology import Topology
 
 pytestmark = pytest.mark.qemu
 
 INCREMENTS = 300
 
 
-class FTLan:
-    """A pair on netns hosts a (primary) and b (backup), the guest's network up."""
-
-    def __init__(self, root: Path, topo: Topology, **pair_args: Any) -> None:
-        self.topo = topo
-        self.pair = LocalPair(root, network=topo, **pair_args)
-        self.pair.start_both()
-        wait_for(lambda: "VMFT-NET-UP " + GUEST_IP in self.pair.console("backup"), 240,
-                 "the backup to replay the guest's network bring-up")
-        wait_for(lambda: self.pair.status("primary").get("lag_ms", 1e9) < 500, 120,
-                 "the backup to catch up with the boot")
-
-    def client(self, *args: str) -> subprocess.Popen[str]:
-        return self.topo.client.popen(
-            [sys.executable, "-m", "vmft_qemu.client", *args, "--host", GUEST_IP],
-            stdout=subprocess.PIPE, text=True)
-
-    def counted(self) -> int:
-        """The guest's counter, read by the client (GET)."""
-        got = self.client("counter", "--get", "--count", "1", "--retries", "3")
-        out, _ = got.communicate(timeout=120)
-        result = json.loads(out)
-        assert result["error"] is None, result
-        return result["answers"][0]
-
-    def wait_released(self, frames: int) -> None:
-        wait_for(lambda: (self.pair.status("primary").get("gate") or {}).get("released", 0)
-                 >= frames, 60, f"{frames} frames through the primary's gate")
-
-
 @pytest.fixture
-def ft_lan(tmp_path: Path, image) -> Iterator[FTLan]:
+def ft_lan(tmp_path: Path, image) -> Iterator[LocalPair]:
     with Topology() as topo:
-        lan = FTLan(tmp_path / "pair", topo)
+        pair = LocalPair(tmp_path / "pair", network=topo)
         try:
-            yield lan
+            pair.start_both()
+            pair.wait_protected()
+            yield pair
         finally:
-            lan.pair.stop()
-
-
-def pull_plug(host: Host) -> float:
-    """Take every link of `host` down and SIGKILL all its processes; returns when."""
-    at = time.monotonic()
-    host.pull_plug()
-    host.kill_all()
-    return at
+            pair.stop()
 
 
 def check_increments(result: dict[str, Any], counted_after: int) -> None:
@@ -94,13 +56,15 @@ def test_pull_the_plug_on_the_primary_at_random_moments(tmp_path: Path, image) -
     print(f"random seed {seed}")
     for round_ in range(3):
         with Topology() as topo:
-            lan = FTLan(tmp_path / f"round{round_}", topo)
+            lan = LocalPair(tmp_path / f"round{round_}", network=topo)
             try:
+                lan.start_both()
+                lan.wait_protected()
                 client = lan.client("counter", "--count", str(INCREMENTS), "--retries", "3")
                 lan.wait_released(10)
                 time.sleep(rng.uniform(0, 3))  # the random moment of the failure, not a sync
-                killed = pull_plug(topo.hosts["a"])
-                backup = wait_for(lambda: (s := lan.pair.status("backup")).get("state") == "alone"
+                killed = pull_the_plug(topo.hosts["a"])
+                backup = wait_for(lambda: (s := lan.status("backup")).get("state") == "alone"
                                   and s, 60, "the backup to go live")
                 took = time.monotonic() - killed
                 out, _ = client.communicate(timeout=300)
@@ -109,35 +73,35 @@ def test_pull_the_plug_on_the_primary_at_random_moments(tmp_path: Path, image) -
                       f"{result['reconnects']}, max latency {max(result['latency_ms']):.0f} ms")
                 check_increments(result, lan.counted())
                 assert backup["role"] == "primary" and backup["alone"]
-                events = [e["event"] for e in lan.pair.events("backup")]
+                events = [e["event"] for e in lan.events("backup")]
                 assert "going-live" in events and "replay-frozen-and-saved" in events
                 # The guest runs on: its console goes on ticking on the new host.
-                ticks = sum(line.startswith("tick ") for line in lan.pair.console("backup"))
+                ticks = sum(line.startswith("tick ") for line in lan.console("backup"))
                 wait_for(lambda: sum(line.startswith("tick ") for line in
-                                     lan.pair.console("backup")) >= ticks + 2, 30,
+                                     lan.console("backup")) >= ticks + 2, 30,
                          "the guest to keep ticking after the takeover")
             finally:
-                lan.pair.stop()
+                lan.stop()
 
 
-def test_kill_the_backup_host_and_the_primary_goes_on(ft_lan: FTLan) -> None:
+def test_kill_the_backup_host_and_the_primary_goes_on(ft_lan: LocalPair) -> None:
     client = ft_lan.client("counter", "--count", str(INCREMENTS))
     ft_lan.wait_released(10)
-    pull_plug(ft_lan.topo.hosts["b"])
+    pull_the_plug(ft_lan.hosts["backup"])
     out, _ = client.communicate(timeout=300)
     result = json.loads(out)
     assert result["error"] is None and result["reconnects"] == []
     assert result["answers"] == list(range(1, INCREMENTS + 1))
-    primary = ft_lan.pair.status("primary")
+    primary = ft_lan.status("primary")
     assert primary["state"] == "alone" and primary["alone"]
     assert ft_lan.counted() == INCREMENTS
 
 
-def test_partition_exactly_one_side_goes_on(ft_lan: FTLan) -> None:
+def test_partition_exactly_one_side_goes_on(ft_lan: LocalPair) -> None:
     client = ft_lan.client("counter", "--count", str(INCREMENTS), "--retries", "3")
     ft_lan.wait_released(10)
-    ft_lan.topo.hosts["a"].cut_ft_link()  # both stay on the LAN and reach the lock
-    pair = ft_lan.pair
+    ft_lan.hosts["primary"].cut_ft_link()  # both stay on the LAN and reach the lock
+    pair = ft_lan
     loser = wait_for(lambda: next((r for r in ("primary", "backup")
                                    if pair.procs[r].poll() is not None), None), 60,
                      "the side that lost the go-live lock to stop")

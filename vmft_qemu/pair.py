@@ -7,6 +7,7 @@ process is started in its own session and stopped by process group.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -18,7 +19,7 @@ from typing import Any, Callable
 
 from . import status
 from .events import read_jsonl
-from .topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, Netns, Topology
+from .topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, Host, Topology
 
 ROLES = ("primary", "backup")
 TAP = "vmft0"  # each host's TAP for the guest, in its LAN bridge
@@ -58,7 +59,8 @@ class LocalPair:
         self.log_port = log_port or free_port()
         self.name = name or f"vm{self.log_port}"
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.hosts: dict[str, Netns] = {}
+        self.hosts: dict[str, Host] = {}
+        self.network = network
         root.mkdir(parents=True, exist_ok=True)
         address, nic = "127.0.0.1", ""
         if network is not None:
@@ -117,6 +119,34 @@ class LocalPair:
                  "the backup controller to answer")
         self.start("primary")
 
+    def wait_protected(self, timeout: float = 240) -> None:
+        """Until the backup has replayed the guest's network bring-up and caught up."""
+        wait_for(lambda: "VMFT-NET-UP " + GUEST_IP in self.console("backup"), timeout,
+                 "the backup to replay the guest's network bring-up")
+        wait_for(lambda: self.status("primary").get("lag_ms", 1e9) < 500, timeout,
+                 "the backup to catch up")
+
+    def wait_released(self, frames: int, timeout: float = 60) -> None:
+        """Until the primary's output gate has released `frames` frames."""
+        wait_for(lambda: (self.status("primary").get("gate") or {}).get("released", 0)
+                 >= frames, timeout, f"{frames} frames through the primary's gate")
+
+    def client(self, *args: str) -> subprocess.Popen[str]:
+        """`python -m vmft_qemu.client ARGS` on the client host; its stdout is JSON."""
+        assert self.network is not None, "a client needs the pair's network"
+        return self.network.client.popen(
+            [sys.executable, "-m", "vmft_qemu.client", *args, "--host", GUEST_IP],
+            stdout=subprocess.PIPE, text=True)
+
+    def counted(self) -> int:
+        """The guest's counter as a client reads it (GET)."""
+        out, _ = self.client("counter", "--get", "--count", "1", "--retries", "3").communicate(
+            timeout=120)
+        result = json.loads(out)
+        if result["error"] is not None:
+            raise RuntimeError(f"could not read the counter: {result['error']}")
+        return result["answers"][0]
+
     def alive(self, role: str) -> bool:
         proc = self.procs[role]
         if proc.poll() is not None:
@@ -157,6 +187,15 @@ class LocalPair:
         for role in ROLES:
             for pid in _pids_using(self.run_dir(role) / "qmp.sock"):
                 os.kill(pid, signal.SIGKILL)
+
+
+def pull_the_plug(host: Host) -> float:
+    """Take every link of `host` down and SIGKILL all its processes; returns when
+    (time.monotonic()) the plug was pulled."""
+    at = time.monotonic()
+    host.pull_plug()
+    host.kill_all()
+    return at
 
 
 def _pids_using(marker: Path) -> list[int]:
