@@ -25,8 +25,9 @@ HTTP_PORT = 80
 
 
 def counter(host: str, count: int, timeout: float, command: str = "INC",
-            retries: int = 0) -> dict[str, Any]:
-    """`count` requests on one connection; every answer and its latency.
+            retries: int = 0, duration: float | None = None) -> dict[str, Any]:
+    """`count` requests on one connection (or as many as fit in `duration`
+    seconds); every answer and its latency.
 
     With `retries`, a broken connection is replaced by a new one (at most that
     many times) and the requests go on; each replacement is reported, with
@@ -35,12 +36,13 @@ def counter(host: str, count: int, timeout: float, command: str = "INC",
     latencies: list[float] = []
     reconnects: list[dict[str, Any]] = []
     error = None
-    while len(answers) < count:
+    end = time.monotonic() + duration if duration else float("inf")
+    while len(answers) < count and time.monotonic() < end:
         try:
             with socket.create_connection((host, COUNTER_PORT), timeout=timeout) as sock:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 stream = sock.makefile("rwb", buffering=0)
-                while len(answers) < count:
+                while len(answers) < count and time.monotonic() < end:
                     start = time.perf_counter()
                     stream.write(f"{command}\n".encode())
                     line = stream.readline()
@@ -88,12 +90,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default="/index.html")
     parser.add_argument("--get", action="store_true", help="counter: GET instead of INC")
     parser.add_argument("--timeout", type=float, default=30.0, help="per socket operation")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="counter: stop after this many seconds (or --count requests)")
     parser.add_argument("--retries", type=int, default=0,
                         help="counter: reconnect this many times after a broken connection")
     args = parser.parse_args(argv)
     if args.service == "counter":
         result = counter(args.host, args.count, args.timeout, "GET" if args.get else "INC",
-                         args.retries)
+                         args.retries, args.duration)
     else:
         result = http(args.host, args.path, args.count, args.timeout)
     json.dump(result, sys.stdout)
