@@ -123,3 +123,6 @@ def test_clean_shutdown_stops_both_and_nobody_goes_live(pair_factory) -> None:
     assert not any("live" in e for e in backup_events)
     assert [e["cause"] for e in pair.events("backup") if e["event"] == "shutdown-replayed"] == [
         "guest-shutdown"]
+    # Neither side went for the go-live lock: a shutdown is not a failure.
+    assert not any(e["event"] in ("going-alone", "go-live-lock") for e in pair.events("primary"))
+    assert list((pair.root / "locks").iterdir()) == []

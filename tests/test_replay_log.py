@@ -113,3 +113,20 @@ def test_event_boundaries_add_up_to_qemus_icount(tmp_path: Path, image) -> None:
     instructions = sum(e.value for e in events if e.kind == rl.INSTRUCTION)
     assert events[-1].name == "END"
     assert instructions == events[-1].icount == qemu_icount > 10_000_000
+
+
+def test_safe_point_is_just_past_the_last_warp_account_checkpoint() -> None:
+    reader = rl.ReplayLogReader()
+    head = (_ev(rl.INSTRUCTION, struct.pack(">I", 10)) + _ev(rl.ASYNC_BLOCK, struct.pack(">Q", 3))
+            + _ev(rl.CHECKPOINT_CLOCK_WARP_ACCOUNT))
+    reader.split(head + _ev(rl.INSTRUCTION, struct.pack(">I", 5)) + _ev(rl.INTERRUPT))
+    assert reader.safe_point == (len(head), 10)
+    assert reader.icount == 15
+
+
+def test_stop_tail_is_whole_events_ending_in_a_zero_instruction_event() -> None:
+    from vmft_qemu.go_live import MAX_DRAINED, stop_tail
+
+    events = rl.ReplayLogReader().feed(stop_tail())
+    assert [e.name for e in events] == ["ASYNC_BLOCK"] * MAX_DRAINED + ["INSTRUCTION"]
+    assert events[-1].value == 0
