@@ -18,6 +18,8 @@ from vmft_qemu.topology import GUEST_IP, Topology
 
 pytestmark = pytest.mark.qemu
 
+# Failure detection that never fires during a test (its own tests are elsewhere).
+PATIENT = "timeout_ms = 600000\nchannel_grace_ms = 600000\n"
 FT_PAGE = Path(__file__).resolve().parent.parent / "images" / "initramfs" / "www" / "ft.html"
 
 
@@ -25,8 +27,7 @@ FT_PAGE = Path(__file__).resolve().parent.parent / "images" / "initramfs" / "www
 def lan_pair(tmp_path: Path, image) -> Iterator[tuple[Topology, LocalPair]]:
     with Topology() as topo:
         # A backup stalled on purpose must not count as failed here.
-        pair = LocalPair(tmp_path / "pair", network=topo,
-                         failure="timeout_ms = 600000\nchannel_grace_ms = 600000\n")
+        pair = LocalPair(tmp_path / "pair", network=topo, failure=PATIENT)
         try:
             pair.start_both()
             wait_for(lambda: "VMFT-NET-UP " + GUEST_IP in pair.console("primary"), 180,
@@ -75,8 +76,10 @@ def test_divergence_check_fires_when_the_backup_gets_a_different_input(
         tmp_path: Path, image) -> None:
     repo = Path(__file__).resolve().parent.parent
     with Topology() as topo:
+        # The log channel runs through a proxy on host a that the heartbeats
+        # do not take; a starved proxy must not look like a failed primary.
         pair = LocalPair(tmp_path / "pair", network=topo, primary_target_address="127.0.0.1",
-                         primary_target_port=7499)
+                         primary_target_port=7499, failure=PATIENT)
         backup_ip = topo.hosts["b"].ft_ip
         proxy = topo.hosts["a"].popen(
             [sys.executable, "-m", "tests.faults", "7499", backup_ip, str(pair.log_port), "tamper"],

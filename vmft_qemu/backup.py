@@ -34,7 +34,6 @@ from .divergence import DivergenceCheck
 from .events import emit
 from .failure_detector import FailureDetector
 from .images import GuestImage
-from .test_and_set import LockUnavailable
 from .log_pipe import open_fifo, unread_bytes
 from .machine import Machine, Role, VMSpec
 from .replay_log import REPLAY_VERSION, LogFormatError, ReplayLogReader, version_bytes
@@ -147,6 +146,8 @@ class BackupController:
             self._error(f"log channel from {peer}: the primary went silent")
         except (OSError, EOFError) as e:
             self._error(f"log channel from {peer}: {e}")
+        except asyncio.CancelledError:
+            pass  # a newer connection replaced this one, or this side is going live
         finally:
             self.connected = False
             self.detector.set_channel(False)
@@ -248,37 +249,32 @@ class BackupController:
         received log, or "lost-lock" when the primary holds the lock (it went
         on alone).  While the lock cannot be reached, keeps replaying and
         retries: maybe the primary is only cut off and comes back."""
-        retry = max(self.config.lock.timeout_ms / 1000, 0.5)
-        while True:
-            reason = await self.detector.wait_failure()
-            if self.shutdown_cause is not None or self.reader.offset == 0:
-                # A guest that shut down is not a failure (QEMU exits after
-                # replaying it), and with no log yet there is nothing to go
-                # live with: wait for a primary.
-                await asyncio.sleep(retry)
-                continue
-            try:
-                verdict = await go_live.contend(self.config, "backup", reason)
-            except LockUnavailable as e:
-                self.state = "primary-failed-no-lock"
-                self._error(f"primary failed ({reason}) but the go-live lock is unreachable: "
-                            f"not going live ({e})")
-                await asyncio.sleep(retry)
-                continue
-            if not verdict.won:
-                self.state = "stopped"
-                holder = verdict.holder
-                self._error(f"the primary failed ({reason}) but the go-live lock is held by "
-                            f"{go_live.holder_text(holder)}: it runs the VM, "
-                            "this backup stops for good")
-                return "lost-lock"
-            try:
-                await self._go_live()
-            except go_live.GoLiveError as e:
-                self.state = "failed"
-                self._error(f"going live failed: {e}")
-                return "failed"
-            return "live"
+        def ready() -> bool:
+            # A guest that shut down is not a failure (QEMU exits after
+            # replaying it), and with no log yet there is nothing to go live with.
+            return self.shutdown_cause is None and self.reader.offset > 0
+
+        def unreachable(reason: str, error: Exception) -> None:
+            self.state = "primary-failed-no-lock"
+            self._error(f"primary failed ({reason}) but the go-live lock is unreachable: "
+                        f"not going live ({error})")
+
+        decided = await go_live.decide(self.config, "backup", self.detector, ready, unreachable)
+        assert decided is not None
+        verdict, reason = decided
+        if not verdict.won:
+            self.state = "stopped"
+            self._error(f"the primary failed ({reason}) but the go-live lock is held by "
+                        f"{go_live.holder_text(verdict.holder)}: it runs the VM, "
+                        "this backup stops for good")
+            return "lost-lock"
+        try:
+            await self._go_live()
+        except go_live.GoLiveError as e:
+            self.state = "failed"
+            self._error(f"going live failed: {e}")
+            return "failed"
+        return "live"
 
     async def _go_live(self) -> None:
         self.state = "going-live"

@@ -33,6 +33,8 @@ an error naming its key and what is allowed.
     [channel]
     heartbeat_ms = 50             # heartbeat frames while the log is quiet
     max_frame_kib = 256           # largest LOG frame
+    max_retained_mib = 256        # unacknowledged log the primary keeps; when full,
+                                  # the guest pauses until the backup catches up
     reconnect_ms = 200            # primary's pause between connection attempts
 
     [failure]
@@ -105,6 +107,7 @@ class LagConfig:
 class ChannelConfig:
     heartbeat_ms: int
     max_frame_kib: int
+    max_retained_mib: int
     reconnect_ms: int
 
 
@@ -224,6 +227,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "channel": {
         "heartbeat_ms": (_int_range(10, 10_000), 50),
         "max_frame_kib": (_int_range(4, 4096), 256),
+        "max_retained_mib": (_int_range(1, 65536), 256),
         "reconnect_ms": (_int_range(10, 60_000), 200),
     },
     "failure": {

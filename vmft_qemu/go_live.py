@@ -37,6 +37,7 @@ from qemu.qmp import QMPClient
 
 from .config import FTConfig
 from .events import emit
+from .failure_detector import FailureDetector
 from . import test_and_set
 from .log_pipe import unread_bytes
 from .replay_log import any_block_completion, instruction_event
@@ -63,6 +64,30 @@ async def contend(config: FTConfig, role: str, reason: str) -> test_and_set.Verd
     emit(log, "go-live-lock", role=role, won=verdict.won, reason=reason,
          holder=None if verdict.holder is None else verdict.holder.to_json())
     return verdict
+
+
+async def decide(config: FTConfig, role: str, detector: FailureDetector,
+                 ready: Callable[[], bool | None],
+                 unreachable: Callable[[str, Exception], None]) -> tuple[test_and_set.Verdict, str] | None:
+    """Wait for the partner to fail, then contend for the lock until it is decided.
+
+    `ready()` says whether a failure now means contending (True), waiting on
+    (False: e.g. nothing to go live with yet) or nothing to decide any more
+    (None: the guest shut down).  While the lock is unreachable this side does
+    not go live: `unreachable(reason, error)` is told, and it tries again.
+    Returns the verdict and the failure's reason."""
+    retry = max(config.lock.timeout_ms / 1000, 0.5)
+    while True:
+        reason = await detector.wait_failure()
+        now = ready()
+        if now is None:
+            return None
+        if now:
+            try:
+                return await contend(config, role, reason), reason
+            except test_and_set.LockUnavailable as e:
+                unreachable(reason, e)
+        await asyncio.sleep(retry)
 
 
 def holder_text(holder: test_and_set.LockOwner | None) -> str:

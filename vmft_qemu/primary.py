@@ -38,7 +38,6 @@ from .machine import Machine, Role, VMSpec
 from .output_gate import OutputGate
 from .replay_log import REPLAY_VERSION, ReplayLogReader
 from .status import SOCKET_NAME, RateMeter, serve
-from .test_and_set import LockUnavailable
 from .vnic import Port, gratuitous_arp, open_guest_port, open_tap
 
 log = logging.getLogger(__name__)
@@ -138,6 +137,7 @@ class PrimaryController:
         self.exit_code: int | None = None
         self.detector = FailureDetector(config, "primary")
         self._shipping: asyncio.Task[None] | None = None
+        self.paused_full = False  # the guest waits: the retained log is full
         self.reader = ReplayLogReader()
         self.retained = RetainedLog()
         self.acked = Position()
@@ -184,6 +184,7 @@ class PrimaryController:
             return
         if not self.alone:
             self.retained.append(Segment(start, complete, self.reader.icount))
+            self._bound_retained()
         self._icount_rate.add(self.reader.icount)
         self._byte_rate.add(self.reader.offset)
         clock = self.reader.clock
@@ -193,6 +194,27 @@ class PrimaryController:
             self.shutdown_cause = self.reader.shutdown
             emit(log, "guest-shutdown", cause=self.shutdown_cause, icount=self.reader.icount)
         self._new_log.set()
+
+    def _bound_retained(self) -> None:
+        """Pause the guest while the retained log is full, resume at half.
+
+        The retained log is what the backup has not acknowledged; it only
+        grows without bound when the backup is gone and the go-live lock is
+        unreachable, so this primary may neither drop it nor go on alone."""
+        limit = self.config.channel.max_retained_mib << 20
+        full = self.retained.nbytes > limit
+        if full and not self.paused_full:
+            self.paused_full = True
+            self._error(f"retained log over {limit >> 20} MiB unacknowledged: guest paused "
+                        "until the backup catches up or this primary may go on alone")
+            self._task(self._qmp_command("stop"), "pausing the guest")
+        elif self.paused_full and self.retained.nbytes < limit // 2:
+            self.paused_full = False
+            emit(log, "retained-log-drained", retained_bytes=self.retained.nbytes)
+            self._task(self._qmp_command("cont"), "resuming the guest")
+
+    async def _qmp_command(self, command: str) -> None:
+        await (await self.machine.qmp()).execute(command)
 
     # --- the logging channel ---------------------------------------------------
 
@@ -283,6 +305,7 @@ class PrimaryController:
         replayed_offset, replayed_icount, safe_icount = lc.ACK_PAYLOAD.unpack(frame.payload)
         self.backup_replayed = Position(replayed_offset, replayed_icount)
         self.retained.release(frame.offset)
+        self._bound_retained()
         if self.gate is not None:
             # Released against the point the backup could go live at, which
             # may be a few events before the end of what it received.
@@ -373,6 +396,7 @@ class PrimaryController:
             "icount_per_s": self._icount_rate.rate(),
             "log_bytes_per_s": self._byte_rate.rate(),
             "ack_delay_ms": self.ack_delay_ms, "retained_bytes": self.retained.nbytes,
+            "paused_retained_full": self.paused_full,
             "throttle_share": self.lag_control.share, "throttle_reason": self.lag_control.reason,
             "connected": self.connected, "shutdown_cause": self.shutdown_cause,
             "alone": self.alone, "partner": None if self.alone else self.detector.snapshot(),
@@ -396,31 +420,27 @@ class PrimaryController:
 
     async def _watch_backup(self) -> None:
         """Wait for the backup to fail, then contend for the go-live lock."""
-        retry = max(self.config.lock.timeout_ms / 1000, 0.5)
-        while True:
-            reason = await self.detector.wait_failure()
-            if self.shutdown_cause is not None:
-                return  # the guest is shutting down: nothing to take over
-            try:
-                verdict = await go_live.contend(self.config, "primary", reason)
-            except LockUnavailable as e:
-                # Not going alone: the output stays held, so the outside world
-                # sees nothing the backup could contradict should it win later.
-                self.state = "backup-failed-no-lock"
-                self._error(f"backup failed ({reason}) but the go-live lock is unreachable: "
-                            f"holding output ({e})")
-                await asyncio.sleep(retry)
-                continue
-            if verdict.won:
-                self._go_alone(reason)
-            else:
-                holder = verdict.holder
-                self.state = "stopped"
-                self.exit_code = 3
-                self._error(f"lost the go-live lock to {go_live.holder_text(holder)}"
-                            f" ({reason}): the backup runs the VM now, this primary stops for good")
-                self.machine.kill()
+        def unreachable(reason: str, error: Exception) -> None:
+            # Not going alone: the output stays held, so the outside world
+            # sees nothing the backup could contradict should it win later.
+            self.state = "backup-failed-no-lock"
+            self._error(f"backup failed ({reason}) but the go-live lock is unreachable: "
+                        f"holding output ({error})")
+
+        decided = await go_live.decide(
+            self.config, "primary", self.detector,
+            lambda: None if self.shutdown_cause is not None else True, unreachable)
+        if decided is None:
+            return  # the guest is shutting down: nothing to take over
+        verdict, reason = decided
+        if verdict.won:
+            self._go_alone(reason)
             return
+        self.state = "stopped"
+        self.exit_code = 3
+        self._error(f"lost the go-live lock to {go_live.holder_text(verdict.holder)}"
+                    f" ({reason}): the backup runs the VM now, this primary stops for good")
+        self.machine.kill()
 
     def _go_alone(self, reason: str) -> None:
         self.alone = True
@@ -428,6 +448,7 @@ class PrimaryController:
         if self._shipping is not None:
             self._shipping.cancel()
         self.retained = RetainedLog()
+        self._bound_retained()
         if self.gate is not None:
             self.gate.open()
         emit(log, "going-alone", logging.WARNING, reason=reason, icount=self.reader.icount)
