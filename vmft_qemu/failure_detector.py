@@ -9,7 +9,9 @@ heartbeats come from.  Every frame on the log channel counts as a sign of life
 too.  The partner is declared failed when
 
 - nothing (heartbeat or log frame) came for `failure.timeout_ms`, or
-- heartbeats come but the log channel has been down for `channel_grace_ms`:
+- heartbeats come but the log channel has been down for `channel_grace_ms`
+  (for the primary counted from its start: a backup that never comes is failed
+  too; a backup only watches a primary it has heard from):
   a primary that cannot ship its log can release no output, and a backup that
   gets no log can never catch up, so the pair is no longer fault tolerant.
 
@@ -54,9 +56,10 @@ class FailureDetector:
         self.grace = config.failure.channel_grace_ms / 1000
         self.every = config.failure.heartbeat_ms / 1000
         now = time.monotonic()
+        self.started = now
         self.last_heard = now  # heartbeat or log frame
-        self.last_heartbeat: float | None = None
         self.channel_up = False
+        self.ever_heard = False
         self.channel_changed = now
         self.heartbeats_in = 0
         self._partner: Any = None  # where to send: the backup's fixed address, or learnt
@@ -84,6 +87,7 @@ class FailureDetector:
     def heard(self) -> None:
         """A frame arrived on the log channel."""
         self.last_heard = time.monotonic()
+        self.ever_heard = True
 
     def set_channel(self, up: bool) -> None:
         if up != self.channel_up:
@@ -102,7 +106,8 @@ class FailureDetector:
         if beat.get("role") == self.role:
             return
         self.heartbeats_in += 1
-        self.last_heartbeat = self.last_heard = time.monotonic()
+        self.last_heard = time.monotonic()
+        self.ever_heard = True
         if self.role == "backup":
             self._partner = addr
 
@@ -122,6 +127,11 @@ class FailureDetector:
     def failure(self) -> str | None:
         """Why the partner counts as failed now, or None while it looks alive."""
         now = time.monotonic()
+        if not self.ever_heard:
+            waited = now - self.started
+            if self.role == "backup" or waited <= self.grace:
+                return None
+            return f"no backup came within {waited * 1000:.0f} ms of the start"
         silent = now - self.last_heard
         if silent > self.timeout:
             return f"partner silent for {silent * 1000:.0f} ms (no heartbeat, no log traffic)"
@@ -147,6 +157,7 @@ class FailureDetector:
                 # waiting in our socket).  Only count time we were running.
                 self.last_heard += stalled
                 self.channel_changed += stalled
+                self.started += stalled
             if now >= next_beat:
                 self._send()
                 next_beat = now + self.every
