@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -18,8 +19,8 @@ from typing import Iterator
 import pytest
 
 from vmft_qemu import topology as topo_mod
-from vmft_qemu.topology import (CLIENT_IP, GUEST_IP, GUEST_MAC, LAN_PREFIX, Netns, Topology,
-                                TopologyError, cleanup_leftovers, list_netns)
+from vmft_qemu.topology import (CLIENT_IP, GUEST_IP, GUEST_MAC, LAN_PREFIX, STORAGE_IP, Netns,
+                                Topology, TopologyError, cleanup_leftovers, list_netns)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -169,6 +170,57 @@ def test_pids_kill_all_and_pull_plug(topo: Topology) -> None:
     a.plug_in()
     assert reachable(topo.client, "192.168.77.21")
     assert reachable(b, a.ft_ip)
+
+
+def test_storage_on_the_lan_and_cut_off() -> None:
+    others = set(list_netns())
+    with Topology(storage=True) as t:
+        a, b = t.hosts["a"], t.hosts["b"]
+        assert t.storage is not None and t.storage.name == f"{t.prefix}-sto"
+        assert t.storage.name in t.namespaces and set(t.namespaces) <= set(list_netns())
+        assert (a.lan_ip, b.lan_ip) == ("192.168.77.201", "192.168.77.202")
+        assert ping(a, STORAGE_IP) and ping(b, STORAGE_IP)
+        assert ping(t.storage, a.lan_ip)
+        t.cut_storage()
+        assert not ping(a, STORAGE_IP, wait=1) and not ping(b, STORAGE_IP, wait=1)
+        assert ping(t.client, a.lan_ip)        # the rest of the LAN stays
+        t.restore_storage()
+        assert reachable(a, STORAGE_IP) and reachable(b, STORAGE_IP)
+        a.pull_plug()                           # a dead host loses the storage too
+        assert not ping(a, STORAGE_IP, wait=1)
+        a.plug_in()
+        assert reachable(a, STORAGE_IP)
+    assert set(list_netns()) == others
+    with pytest.raises(ValueError, match="reserved|one of"):
+        Topology(hosts=["sto"])
+    with Topology(hosts=1) as t:
+        assert t.storage is None and t.hosts["a"].lan_ip is None
+        with pytest.raises(RuntimeError, match="no storage"):
+            t.cut_storage()
+
+
+def test_call_runs_in_the_namespace(topo: Topology) -> None:
+    a = topo.hosts["a"]
+    a.add_lan_ip(f"192.168.77.21/{LAN_PREFIX}")
+
+    def addresses() -> set[str]:
+        import socket
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((CLIENT_IP, 9))            # no packet: just a route lookup
+            return {s.getsockname()[0]}
+
+    def netns() -> tuple[int, int]:
+        st = os.stat("/proc/thread-self/ns/net")
+        return st.st_dev, st.st_ino
+
+    assert a.call(addresses) == {"192.168.77.21"}
+    assert a.call(netns) == a.ident != netns()   # only that thread moved
+    with pytest.raises(ZeroDivisionError):
+        a.call(lambda: 1 / 0)
+    stuck = threading.Event()
+    with pytest.raises(TimeoutError, match="did not return within 0.1 s"):
+        a.call(stuck.wait, 30, timeout=0.1)
+    stuck.set()
 
 
 def test_teardown_removes_namespaces() -> None:

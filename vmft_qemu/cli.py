@@ -3,6 +3,7 @@
     vmft primary --config vm.toml     run the guest under record, ship the log
     vmft backup  --config vm.toml     replay the primary's log in lock-step
     vmft status  --config vm.toml     both sides' position, lag, log rate
+    vmft lock show --config vm.toml   who holds the pair's go-live lock (test-and-set)
     vmft image build                  build the guest kernel, initramfs and disk
     vmft config example               print an annotated configuration
     vmft demo                         a guest under FT on netns hosts; its primary's host dies
@@ -116,6 +117,32 @@ def cmd_status(args: argparse.Namespace) -> int:
         time.sleep(1)
 
 
+def cmd_lock(args: argparse.Namespace) -> int:
+    from . import test_and_set as tas
+
+    config = _load_config(args.config)
+    epoch = args.epoch or config.lock.epoch
+    try:
+        lock = tas.open_lock(config.lock)
+        if lock is None:
+            print(f"{config.vm.name}: lock.backend is \"none\": this pair never goes live alone")
+            return 1
+        where = f"{lock}/{tas.lock_name(config.vm.name, epoch)}"
+        holder = asyncio.run(tas.read_holder(lock, config.vm.name, epoch,
+                                             config.lock.timeout_ms / 1000))
+    except tas.LockUnavailable as e:
+        print(f"vmft: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"lock": where, "holder": holder and holder.to_json()}))
+    elif holder is None:
+        print(f"{where}: not held (or its holder is still writing it)")
+    else:
+        print(f"{where}: held by the {holder.role} on host {holder.host} (pid {holder.pid}) "
+              f"since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.time))}")
+    return 0 if holder else 1
+
+
 def cmd_image(args: argparse.Namespace) -> int:
     from . import images
 
@@ -164,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", type=float, default=0, metavar="SECONDS",
                    help="refresh every second for this long")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("lock", help="show who holds the go-live lock",
+                       description="Read the pair's go-live lock (the test-and-set on shared "
+                                   "storage, [lock] in the config) and print its holder.  Exit "
+                                   "status 0: held, 1: not held, 2: storage unreachable.")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--epoch", type=int, help="this epoch instead of lock.epoch")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_lock)
 
     p = sub.add_parser("image", help="build the guest image",
                        description="Build the guest (Debian kernel, busybox initramfs, ext4 "

@@ -12,6 +12,10 @@ the demo stand those in with network namespaces:
                      hbr0  the host's bridge: lan0 plus the guest's TAP devices
                      ft0   veth, its peer a port of ftnet; 10.77.0.X/24 (X = 1, 2, ...)
     <prefix>-cli   a client on the LAN: lan0 at 192.168.77.100/24
+    <prefix>-sto   with Topology(storage=True): the shared storage (the NFS
+                     server of the go-live lock) on the LAN: lan0 at
+                     192.168.77.250/24; each FT host then also has a LAN
+                     address on hbr0, 192.168.77.(200 + X)/24, to reach it
 
 The prefix is "vmft" plus 4 random hex digits, unique per `Topology`, so
 parallel runs and leftovers of crashed runs never clash; every name fits
@@ -25,11 +29,13 @@ leaves an owner file (its creator's PID and start time) in /run/vmft-topology;
 `cleanup_leftovers` deletes vmft's namespaces whose owner is gone.
 
 All commands are argv lists run through iproute2 (`ip -n NS ...`,
-`ip netns exec NS ...`); no shell.
+`ip netns exec NS ...`); no shell.  `Netns.call` runs a Python function in a
+thread that has entered the namespace (setns), for probes without a process.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -39,10 +45,11 @@ import select
 import shlex
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +60,14 @@ LAN_NETWORK = "192.168.77.0/24"
 CLIENT_IP = "192.168.77.100"
 FT_NETWORK = "10.77.0.0/24"
 FT_PREFIX = 24
+STORAGE_IP = "192.168.77.250"        # the shared storage (Topology(storage=True))
+HOST_LAN_BASE = 200                  # with storage: host X is 192.168.77.(200 + X)
+STORAGE_PORT = "sto-lan"             # the storage's port on the LAN's br0
 
 NAME_PREFIX = "vmft"
 PREFIX_RE = r"vmft[0-9a-f]{4}"       # one topology's prefix
 NETNS_RE = re.compile(rf"({PREFIX_RE})-([a-z][a-z0-9]{{0,5}})")  # its namespaces
-RESERVED = ("lan", "ft", "cli")      # namespace suffixes that are not hosts
+RESERVED = ("lan", "ft", "cli", "sto")  # namespace suffixes that are not hosts
 OWNER_DIR = Path("/run/vmft-topology")
 NETNS_DIR = Path("/run/netns")
 IFNAMSIZ = 16                        # including the NUL: names up to 15 chars
@@ -65,6 +75,9 @@ IFNAMSIZ = 16                        # including the NUL: names up to 15 chars
 CMD_TIMEOUT = 30.0                   # per `ip` command
 LINK_TIMEOUT = 5.0                   # for a bridge port to start forwarding
 POLL_EVERY = 0.02
+CLONE_NEWNET = 0x40000000
+
+T = TypeVar("T")
 
 
 class TopologyError(RuntimeError):
@@ -195,6 +208,18 @@ def _wait_exited(ns: str, pidfds: dict[int, int], timeout: float) -> None:
             pidfds.pop(pidfd)
 
 
+def _enter_netns(name: str) -> None:
+    """Move the calling thread into network namespace `name` (setns(2))."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(NETNS_DIR / name, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {name}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
 # --- namespaces -----------------------------------------------------------
 
 class Netns:
@@ -222,6 +247,33 @@ class Netns:
     def iproute(self, *args: str) -> str:
         """`ip -n NAME args...`, checked; its stdout."""
         return _ip(self.name, *args)
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout: float = CMD_TIMEOUT) -> T:
+        """fn(*args) in a new thread that has entered this namespace; its result.
+
+        Sockets that `fn` opens are this namespace's.  Its exception is raised
+        here; if it has not returned within `timeout` s, TimeoutError (the
+        thread is a daemon, so one stuck in a system call never blocks exit).
+        """
+        outcome: list[tuple[bool, Any]] = []
+
+        def run() -> None:
+            try:
+                _enter_netns(self.name)
+                outcome.append((True, fn(*args)))
+            except BaseException as e:   # handed to the caller
+                outcome.append((False, e))
+
+        thread = threading.Thread(target=run, name=f"netns-{self.name}", daemon=True)
+        thread.start()
+        thread.join(timeout)
+        if not outcome:
+            raise TimeoutError(f"{getattr(fn, '__name__', fn)} in {self.name} did not return "
+                               f"within {timeout:.1f} s")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
     # processes
     @property
@@ -283,6 +335,7 @@ class Host(Netns):
         self.ft_ip = f"10.77.0.{index}"
         self.lan_port = f"{short}-lan"          # lan0's peer on the LAN's br0
         self.ft_port = f"{short}-ft"            # ft0's peer on ftnet
+        self.lan_ip: str | None = None          # set with Topology(storage=True)
         self.taps: list[str] = []
 
     def add_tap(self, name: str) -> str:
@@ -376,10 +429,15 @@ class Topology:
             topo.client.run(["busybox", "ping", "-c1", "-W2", GUEST_IP])
     """
 
-    def __init__(self, hosts: int | Sequence[str] = 2, ipv6: bool = False) -> None:
+    def __init__(self, hosts: int | Sequence[str] = 2, ipv6: bool = False,
+                 storage: bool = False) -> None:
         names = [chr(ord("a") + i) for i in range(hosts)] if isinstance(hosts, int) else list(hosts)
         if not 1 <= len(names) <= 254:
             raise ValueError("need 1 to 254 hosts")
+        most = int(STORAGE_IP.rsplit(".", 1)[1]) - HOST_LAN_BASE - 1
+        if storage and len(names) > most:
+            raise ValueError(f"with storage, at most {most} hosts (LAN addresses "
+                             f"192.168.77.{HOST_LAN_BASE + 1}-{HOST_LAN_BASE + most})")
         for short in names:
             if short in RESERVED or not re.fullmatch(r"[a-z][a-z0-9]{0,5}", short):
                 raise ValueError(f"bad host name {short!r}: 1-6 of [a-z0-9], "
@@ -395,6 +453,10 @@ class Topology:
             short: Host(self, f"{self.prefix}-{short}", short, i)
             for i, short in enumerate(names, start=1)
         }
+        self.storage: Netns | None = Netns(f"{self.prefix}-sto") if storage else None
+        if storage:
+            for host in self.hosts.values():
+                host.lan_ip = f"192.168.77.{HOST_LAN_BASE + host.index}"
         self._created: list[str] = []
         self._started = False
         self._closed = False
@@ -409,7 +471,31 @@ class Topology:
     def namespaces(self) -> list[str]:
         """Every namespace this topology has (or will have), by name."""
         return [self.lan.name, self.ftnet.name, *(h.name for h in self.hosts.values()),
-                self.client.name]
+                self.client.name, *([self.storage.name] if self.storage else [])]
+
+    # the shared storage
+    def cut_storage(self) -> None:
+        """Cut the storage off the LAN (its port on br0 goes down): nobody reaches it.
+
+        Like `Host.cut_ft_link`: the storage's lan0 loses carrier, and traffic
+        to it is silently lost (until ARP gives up: then EHOSTUNREACH).
+        """
+        storage = self._storage()
+        self.lan.set_link(STORAGE_PORT, False)
+        log.info("storage %s: cut off the LAN", storage.name)
+
+    def restore_storage(self, timeout: float = LINK_TIMEOUT) -> None:
+        """Undo `cut_storage`; return once its link forwards again."""
+        storage = self._storage()
+        self.lan.set_link(STORAGE_PORT, True)
+        self.lan.wait_link(STORAGE_PORT, timeout)
+        storage.wait_link("lan0", timeout)
+        log.info("storage %s: back on the LAN", storage.name)
+
+    def _storage(self) -> Netns:
+        if self.storage is None:
+            raise RuntimeError(f"{self} has no storage: use Topology(storage=True)")
+        return self.storage
 
     # lifecycle
     def __enter__(self) -> Topology:
@@ -486,10 +572,19 @@ class Topology:
         self._add_netns(self.client)
         self._veth(self.lan, "br0", "cli-lan", self.client, "lan0")
         self.client.iproute("addr", "add", f"{self.client.ip}/{LAN_PREFIX}", "dev", "lan0")
+        if self.storage:
+            self._add_netns(self.storage)
+            self._veth(self.lan, "br0", STORAGE_PORT, self.storage, "lan0")
+            self.storage.iproute("addr", "add", f"{STORAGE_IP}/{LAN_PREFIX}", "dev", "lan0")
+            for host in self.hosts.values():
+                host.add_lan_ip(f"{host.lan_ip}/{LAN_PREFIX}")
         for host in self.hosts.values():
             host._wait_ready()
         self.lan.wait_link("cli-lan")
         self.client.wait_link("lan0")
+        if self.storage:
+            self.lan.wait_link(STORAGE_PORT)
+            self.storage.wait_link("lan0")
 
 
 # --- ownership and leftovers -------------------------------------------------
