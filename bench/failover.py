@@ -1,6 +1,7 @@
 """Benchmark: how long the guest is gone when its primary's host dies.
 
-Each round boots an FT pair on netns hosts (primary on a, backup on b), starts
+Each round boots an FT pair on netns hosts (primary on a, backup on b, the
+go-live lock on nfs-ganesha in a storage namespace), starts
 a client incrementing the guest's counter, waits a random moment, and pulls
 the plug on host a (links down, every process SIGKILLed).  A watcher on the
 LAN bridge's port of host b timestamps the guest's first frame from its new
@@ -31,8 +32,8 @@ from typing import Any
 
 import report as report_file
 from vmft_qemu.lan_watch import LanWatch
-from vmft_qemu.pair import LocalPair, pull_the_plug, wait_for
-from vmft_qemu.topology import GUEST_MAC, Topology
+from vmft_qemu.pair import LocalPair, lan_with_storage, pull_the_plug, wait_for
+from vmft_qemu.topology import GUEST_MAC
 
 INCREMENTS = 400
 
@@ -46,8 +47,8 @@ def _event_time(pair: LocalPair, role: str, name: str) -> float:
 
 
 def one_kill(work: Path, rng: random.Random) -> dict[str, Any]:
-    with Topology() as topo:
-        pair = LocalPair(work, name="bench", network=topo)
+    with lan_with_storage(work) as (topo, nfs):
+        pair = LocalPair(work / "pair", name="bench", network=topo, nfs=nfs)
         watch = LanWatch(topo.lan, topo.hosts["b"].lan_port, GUEST_MAC)
         try:
             pair.start_both()

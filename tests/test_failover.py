@@ -1,7 +1,9 @@
 """Pull the plug: the backup takes over where the primary was, and no split brain.
 
-Hosts are network namespaces on a LAN bridge with a client; "pulling the plug"
-on a host takes all of its links down and SIGKILLs every process in it.
+Hosts are network namespaces on a LAN bridge with a client and a storage
+namespace whose nfs-ganesha serves the go-live lock (both controllers speak
+NFS to it); "pulling the plug" on a host takes all of its links down and
+SIGKILLs every process in it.
 """
 
 from __future__ import annotations
@@ -14,8 +16,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from vmft_qemu.pair import LocalPair, pull_the_plug, wait_for
-from vmft_qemu.topology import Topology
+from vmft_qemu import test_and_set as tas
+from vmft_qemu.nfs_server import NfsServer
+from vmft_qemu.pair import LocalPair, lan_with_storage, pull_the_plug, wait_for
 
 pytestmark = pytest.mark.qemu
 
@@ -23,15 +26,19 @@ INCREMENTS = 300
 
 
 @pytest.fixture
-def ft_lan(tmp_path: Path, image) -> Iterator[LocalPair]:
-    with Topology() as topo:
-        pair = LocalPair(tmp_path / "pair", network=topo)
+def ft_lan(tmp_path: Path, image) -> Iterator[tuple[LocalPair, NfsServer]]:
+    with lan_with_storage(tmp_path) as (topo, nfs):
+        pair = LocalPair(tmp_path / "pair", network=topo, nfs=nfs)
         try:
             pair.start_both()
             pair.wait_protected()
-            yield pair
+            yield pair, nfs
         finally:
             pair.stop()
+
+
+def lock_files(nfs: NfsServer) -> list[str]:
+    return sorted(p.name for p in nfs.export_dir.iterdir())
 
 
 def check_increments(result: dict[str, Any], counted_after: int) -> None:
@@ -55,8 +62,8 @@ def test_pull_the_plug_on_the_primary_at_random_moments(tmp_path: Path, image) -
     rng = random.Random(seed)
     print(f"random seed {seed}")
     for round_ in range(3):
-        with Topology() as topo:
-            lan = LocalPair(tmp_path / f"round{round_}", network=topo)
+        with lan_with_storage(tmp_path / f"round{round_}") as (topo, nfs):
+            lan = LocalPair(tmp_path / f"round{round_}" / "pair", network=topo, nfs=nfs)
             try:
                 lan.start_both()
                 lan.wait_protected()
@@ -73,6 +80,9 @@ def test_pull_the_plug_on_the_primary_at_random_moments(tmp_path: Path, image) -
                       f"{result['reconnects']}, max latency {max(result['latency_ms']):.0f} ms")
                 check_increments(result, lan.counted())
                 assert backup["role"] == "primary" and backup["alone"]
+                holder = tas.LockOwner.loads(
+                    (nfs.export_dir / tas.lock_name(lan.name, 1)).read_bytes())
+                assert holder.role == "backup"
                 events = [e["event"] for e in lan.events("backup")]
                 assert "going-live" in events and "replay-frozen-and-saved" in events
                 # The guest runs on: its console goes on ticking on the new host.
@@ -84,7 +94,8 @@ def test_pull_the_plug_on_the_primary_at_random_moments(tmp_path: Path, image) -
                 lan.stop()
 
 
-def test_kill_the_backup_host_and_the_primary_goes_on(ft_lan: LocalPair) -> None:
+def test_kill_the_backup_host_and_the_primary_goes_on(ft_lan) -> None:
+    ft_lan, nfs = ft_lan
     client = ft_lan.client("counter", "--count", str(INCREMENTS))
     ft_lan.wait_released(10)
     pull_the_plug(ft_lan.hosts["backup"])
@@ -95,9 +106,11 @@ def test_kill_the_backup_host_and_the_primary_goes_on(ft_lan: LocalPair) -> None
     primary = ft_lan.status("primary")
     assert primary["state"] == "alone" and primary["alone"]
     assert ft_lan.counted() == INCREMENTS
+    assert lock_files(nfs) == [tas.lock_name(ft_lan.name, 1)]
 
 
-def test_partition_exactly_one_side_goes_on(ft_lan: LocalPair) -> None:
+def test_partition_exactly_one_side_goes_on(ft_lan) -> None:
+    ft_lan, nfs = ft_lan
     client = ft_lan.client("counter", "--count", str(INCREMENTS), "--retries", "3")
     ft_lan.wait_released(10)
     ft_lan.hosts["primary"].cut_ft_link()  # both stay on the LAN and reach the lock
@@ -113,3 +126,34 @@ def test_partition_exactly_one_side_goes_on(ft_lan: LocalPair) -> None:
     out, _ = client.communicate(timeout=300)
     check_increments(json.loads(out), ft_lan.counted())
     assert "the go-live lock" in pair.output(loser)
+
+
+def test_partition_while_the_storage_is_unreachable_never_gives_two_live_copies(ft_lan) -> None:
+    pair, nfs = ft_lan
+    client = pair.client("counter", "--count", str(INCREMENTS), "--retries", "3")
+    pair.wait_released(10)
+    pair.network.cut_storage()
+    pair.hosts["primary"].cut_ft_link()
+    # Both sides declare the other failed, neither reaches the lock: neither goes live.
+    wait_for(lambda: pair.status("primary").get("state") == "backup-failed-no-lock"
+             and pair.status("backup").get("state") == "primary-failed-no-lock", 60,
+             "both sides to find the go-live lock unreachable")
+    released = pair.status("primary")["gate"]["released"]
+    # The primary holds its output meanwhile; watch it over a few lock retries.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        primary, backup = pair.status("primary"), pair.status("backup")
+        assert not primary["alone"] and backup["role"] == "backup"
+        assert primary["gate"]["released"] == released, "output left without a backup or lock"
+        time.sleep(0.2)
+    # The link comes back before the storage does: the pair carries on protected.
+    pair.hosts["primary"].restore_ft_link()
+    wait_for(lambda: pair.status("primary").get("state") == "protected", 60,
+             "the pair to reconnect")
+    pair.network.restore_storage()
+    out, _ = client.communicate(timeout=300)
+    check_increments(json.loads(out), pair.counted())
+    assert lock_files(nfs) == []  # nobody ever won the lock
+    for role in ("primary", "backup"):
+        assert pair.procs[role].poll() is None
+        assert not any(e["event"] in ("going-alone", "going-live") for e in pair.events(role))

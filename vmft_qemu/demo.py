@@ -22,8 +22,8 @@ from typing import Any
 
 from .images import locate
 from .lan_watch import LanWatch
-from .pair import LocalPair, pull_the_plug, wait_for
-from .topology import GUEST_IP, GUEST_MAC, Topology
+from .pair import LocalPair, lan_with_storage, pull_the_plug, wait_for
+from .topology import GUEST_IP, GUEST_MAC, STORAGE_IP
 
 AFTER_KILL_S = 15  # how long the client goes on after the kill
 TAKEOVER_EVENTS = ("partner-failed", "go-live-lock", "going-live", "replay-frozen-and-saved",
@@ -57,12 +57,12 @@ def run_demo(seconds: float, workdir: Path) -> int:
     logging.getLogger("vmft_qemu.topology").setLevel(logging.WARNING)  # the demo shows its own
     shutil.rmtree(workdir, ignore_errors=True)
     print(f"vmft demo: Debian kernel {image.kernel.name} + busybox guest; files in {workdir}")
-    with Topology() as topo:
-        pair = LocalPair(workdir, name="demo", network=topo)
+    with lan_with_storage(workdir) as (topo, nfs):
+        pair = LocalPair(workdir / "pair", name="demo", network=topo, nfs=nfs)
         watch = LanWatch(topo.lan, topo.hosts["b"].lan_port, GUEST_MAC)
         print(f"hosts: primary on {topo.hosts['a'].name}, backup on {topo.hosts['b'].name}, "
               f"client {topo.client.name} ({topo.client.ip}); guest {GUEST_IP}; "
-              f"go-live lock in {workdir / 'locks'}")
+              f"go-live lock on nfs-ganesha at {STORAGE_IP}:{nfs.pseudo} (NFSv4)")
         try:
             pair.start_both()
             print("booting the guest under record (primary) and replay (backup) ...")
@@ -95,6 +95,7 @@ def run_demo(seconds: float, workdir: Path) -> int:
             result = json.loads(out)
             counted = pair.counted()
             after = pair.console("backup")
+            lock = sorted(p.name for p in nfs.export_dir.iterdir())
             print("shutting the guest down on its new host ...")
             pair.procs["backup"].terminate()
             code = pair.procs["backup"].wait(60)
@@ -118,6 +119,7 @@ def run_demo(seconds: float, workdir: Path) -> int:
           f"now {live['state']} on host b")
     print(f"console:              backup's console carries on the primary's: "
           f"{'YES' if carried_on else 'NO'} ({len(before)} lines before the kill, {len(after)} after)")
+    print(f"go-live lock:         {', '.join(lock)} on the NFS share, created by the backup")
     print(f"new primary exited:   {code} after a clean guest shutdown")
     if result["error"]:
         print(f"client error:         {result['error']}")

@@ -7,6 +7,7 @@ process is started in its own session and stopped by process group.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,11 +16,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import status
 from .events import read_jsonl
-from .topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, Host, Topology
+from .nfs_server import NfsServer
+from .topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, STORAGE_IP, Host, Topology
 
 ROLES = ("primary", "backup")
 TAP = "vmft0"  # each host's TAP for the guest, in its LAN bridge
@@ -48,12 +50,14 @@ class LocalPair:
                  log_port: int | None = None, primary_target_port: int | None = None,
                  network: Topology | None = None, extra_config: str = "",
                  primary_target_address: str | None = None, lock: str | None = None,
-                 failure: str = "") -> None:
+                 failure: str = "", nfs: NfsServer | None = None) -> None:
         """With `network`, the primary runs on host "a" and the backup on "b"
         of that topology, the guest has a NIC on its LAN, and the log channel
         runs over the hosts' FT link; without, both run here on loopback.
         `lock` is the [lock] table's body; by default both sides share a
-        lock directory under `root` (one machine: shared storage for free).
+        lock directory under `root` (one machine: shared storage for free),
+        or with `nfs` (a server in the network's storage namespace) they
+        speak NFS to it.
         `failure` is added to the [failure] table."""
         self.root = root
         self.log_port = log_port or free_port()
@@ -70,6 +74,8 @@ class LocalPair:
             address = network.hosts["b"].ft_ip
             nic = f'mac = "{GUEST_MAC}"\nip = "{GUEST_IP}/{LAN_PREFIX}"\n'
         tap = f'tap = "{TAP}"\n' if nic else ""
+        if lock is None and nfs is not None:
+            lock = f'backend = "nfs"\nserver = "{STORAGE_IP}"\nexport = "{nfs.pseudo}"\n'
         if lock is None:
             (root / "locks").mkdir(exist_ok=True)
             lock = f'backend = "path"\npath = "{root / "locks"}"\n'
@@ -123,8 +129,13 @@ class LocalPair:
         """Until the backup has replayed the guest's network bring-up and caught up."""
         wait_for(lambda: "VMFT-NET-UP " + GUEST_IP in self.console("backup"), timeout,
                  "the backup to replay the guest's network bring-up")
-        wait_for(lambda: self.status("primary").get("lag_ms", 1e9) < 500, timeout,
-                 "the backup to catch up")
+        try:
+            wait_for(lambda: self.status("primary").get("lag_ms", 1e9) < 500, timeout,
+                     "the backup to catch up")
+        except TimeoutError as e:
+            sides = {role: {k: self.status(role).get(k) for k in ("state", "lag_ms", "errors")}
+                     for role in ROLES}
+            raise TimeoutError(f"{e}: {sides}") from None
 
     def wait_released(self, frames: int, timeout: float = 60) -> None:
         """Until the primary's output gate has released `frames` frames."""
@@ -187,6 +198,15 @@ class LocalPair:
         for role in ROLES:
             for pid in _pids_using(self.run_dir(role) / "qmp.sock"):
                 os.kill(pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def lan_with_storage(root: Path) -> Iterator[tuple[Topology, NfsServer]]:
+    """Hosts, LAN, client and a storage namespace serving the go-live lock over NFS."""
+    with Topology(storage=True) as topo:
+        assert topo.storage is not None
+        with NfsServer(topo.storage, run_dir=root / "nfs") as nfs:
+            yield topo, nfs
 
 
 def pull_the_plug(host: Host) -> float:
