@@ -59,8 +59,11 @@ def one_kill(work: Path, rng: random.Random) -> dict[str, Any]:
             replayed_before = pair.status("backup")["replayed"]["icount"]
             wall_kill = time.time()
             killed = pull_the_plug(topo.hosts["a"])
-            wait_for(lambda: pair.status("backup").get("state") == "alone", 60,
-                     "the backup to go live")
+            try:
+                wait_for(lambda: pair.status("backup").get("state") == "alone", 60,
+                         "the backup to go live")
+            except TimeoutError as e:
+                raise TimeoutError(f"{e}: backup {pair.status('backup')}") from None
             first = wait_for(lambda: watch.first(killed), 30, "the first frame from host b")
             guest = wait_for(lambda: watch.first(killed, garp=False), 30,
                              "the guest's first own frame from host b")
@@ -93,13 +96,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep each round's files here (default: a temporary directory)")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(1 << 30)
     rng = random.Random(seed)
     rounds = []
     with tempfile.TemporaryDirectory(prefix="vmft-bench-failover-") as tmp:
+        work = args.workdir or Path(tmp)
         for i in range(args.kills):
-            rounds.append(one_kill(Path(tmp) / f"kill{i}", rng))
+            rounds.append(one_kill(work / f"kill{i}", rng))
             print(f"kill {i + 1}/{args.kills}: {rounds[-1]}", flush=True)
     keys = ("first_frame_s", "first_guest_s", "detect_s", "saved_s", "replayed_insns",
             "client_max_latency_ms")
