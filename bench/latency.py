@@ -105,7 +105,7 @@ def run_ft(requests: int, pages: int, work: Path) -> dict[str, Any]:
         pair = LocalPair(work, name="bench", network=topo)
         try:
             pair.start_both()
-            _wait_net(lambda: pair.run_dir("primary") / "console.log", 180)
+            pair.wait_protected()  # steady state: the backup has caught up with the boot
             for core, role in enumerate(("primary", "backup")):
                 _pin(pair.status(role)["qemu_pid"], core)
             before = pair.status("primary")
