@@ -9,7 +9,9 @@ import time
 
 import pytest
 
+from vmft_qemu import disk_identity
 from vmft_qemu import log_channel as lc
+from vmft_qemu.machine import MachinePaths
 from vmft_qemu.pair import LocalPair, free_port, wait_for
 from vmft_qemu.replay_log import REPLAY_VERSION
 
@@ -126,3 +128,13 @@ def test_clean_shutdown_stops_both_and_nobody_goes_live(pair_factory) -> None:
     # Neither side went for the go-live lock: a shutdown is not a failure.
     assert not any(e["event"] in ("going-alone", "go-live-lock") for e in pair.events("primary"))
     assert list((pair.root / "locks").iterdir()) == []
+    # The workload wrote each tick and 64 KiB of random bytes to the root disk: the
+    # backup's replay made the same writes to its own copy.
+    disk = MachinePaths(pair.run_dir("backup")).disk
+    written = disk_identity.guest_file(disk, "/var/log/vmft-ticks").decode().splitlines()
+    assert written == _ticks(backup)
+    compared = subprocess.run([sys.executable, "-m", "vmft_qemu", "disk", "compare",
+                               "--config", str(pair.config("backup"))],
+                              capture_output=True, text=True, timeout=60)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    assert "identical: both copies hold the same guest-visible blocks" in compared.stdout

@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from vmft_qemu import images
+from vmft_qemu import disk_identity, images
 
 TICK = re.compile(r"^tick (\d+) uptime=(\d+\.\d+) rnd=([0-9a-f]{16})$", re.M)
 
@@ -59,16 +59,25 @@ def _cpio_names(initrd: Path) -> dict[str, int]:
 def test_outputs(guest: images.GuestImage) -> None:
     assert guest.kernel.read_bytes()[0x202:0x206] == b"HdrS", "vmlinuz is a bzImage"
     members = _cpio_names(guest.initrd)
-    for name in ("init", "bin/busybox", "bin/sh", "bin/counterd", "sbin/insmod",
+    for name in ("init", "bin/busybox", "bin/sh", "sbin/insmod", "sbin/switch_root",
                  "lib/modules/ext4.ko", "lib/modules/virtio_blk.ko",
-                 "lib/modules/virtio_net.ko", "etc/vmft/modules", "www/index.html",
-                 "dev/console"):
+                 "lib/modules/virtio_net.ko", "etc/vmft/modules", "dev/console"):
         assert name in members, f"{name} missing from the initramfs"
     assert members["init"] & 0o111, "init is executable"
+    assert "bin/counterd" not in members, "the guest's services live on its root disk"
     assert list(members) == sorted(members), "cpio members are sorted"
     rootfs = guest.rootfs.read_bytes()
     assert len(rootfs) == images.DISK_MIB * 2**20
     assert rootfs[0x438:0x43A] == b"\x53\xef", "root.ext4 is ext2/3/4"
+
+
+def test_root_disk_holds_the_guest(guest: images.GuestImage) -> None:
+    on_disk = {rel: disk_identity.guest_file(guest.rootfs, "/" + rel)
+               for rel in ("sbin/init", "bin/counterd", "www/index.html", "var/lib/vmft/counter")}
+    for rel, data in on_disk.items():
+        assert data == (images.GUEST_FILES / "rootfs" / rel).read_bytes(), rel
+    busybox = disk_identity.guest_file(guest.rootfs, "/bin/busybox")
+    assert busybox[:4] == b"\x7fELF" and len(busybox) > 1 << 20
 
 
 def test_modules_load_after_their_dependencies(guest: images.GuestImage) -> None:
@@ -121,11 +130,11 @@ class Guest:
                 "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
                 "-kernel", str(image.kernel), "-initrd", str(image.initrd),
                 "-append", f"console=ttyS0 panic=-1 quiet {append}"]
+        self.disk = workdir / "disk.qcow2"
         if disk:
-            overlay = workdir / "disk.qcow2"
             subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw",
-                            "-b", str(image.rootfs), str(overlay)], check=True)
-            args += ["-drive", f"file={overlay},if=none,id=d0,format=qcow2",
+                            "-b", str(image.rootfs), str(self.disk)], check=True)
+            args += ["-drive", f"file={self.disk},if=none,id=d0,format=qcow2",
                      "-device", "virtio-blk-pci,drive=d0"]
         if nic_port is not None:
             args += ["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{nic_port}-:7000",
@@ -189,8 +198,8 @@ def _free_port() -> int:
 @pytest.mark.qemu
 def test_boots_and_ticks(boot: Callable[..., Guest]) -> None:
     vm = boot("vmft.workload=ticks")
-    vm.expect(r"^VMFT-BOOT-OK$", 60)
-    vm.expect(r"^vmft: /data is /dev/vda \(ext4\)$", 30)
+    vm.expect(r"^vmft: root is /dev/vda \(ext4\)$", 60)
+    vm.expect(r"^VMFT-BOOT-OK$", 30)
     ticks = vm.expect(TICK.pattern, 30, count=3)
     assert [int(m[1]) for m in ticks] == [1, 2, 3]
     assert len({m[3] for m in ticks}) == 3, "rnd comes from /dev/urandom"
@@ -198,9 +207,15 @@ def test_boots_and_ticks(boot: Callable[..., Guest]) -> None:
 
 
 @pytest.mark.qemu
-def test_sha256_workload_powers_off_without_disk(boot: Callable[..., Guest]) -> None:
-    vm = boot("vmft.workload=sha256:4", disk=False)
-    vm.expect(r"^vmft: no disk: /data is a tmpfs$", 60)
+def test_without_a_root_disk_it_says_so_and_powers_off(boot: Callable[..., Guest]) -> None:
+    vm = boot("vmft.workload=ticks", disk=False)
+    vm.expect(r"^vmft: no root disk \(/dev/vda with ext4\): powering off$", 60)
+    assert vm.exit_code(60) == 0, "poweroff -f ends QEMU"
+
+
+@pytest.mark.qemu
+def test_sha256_workload_powers_off(boot: Callable[..., Guest]) -> None:
+    vm = boot("vmft.workload=sha256:4")
     (end,) = vm.expect(r"^VMFT-BENCH-END ([0-9a-f]{64})$", 60)
     assert end[1] == hashlib.sha256(bytes(4 * 2**20)).hexdigest()
     assert vm.exit_code(60) == 0, "poweroff -f ends QEMU"
@@ -225,3 +240,5 @@ def test_counter_service(boot: Callable[..., Guest]) -> None:
     assert session("GET", "INC", "INC") == ["0", "1", "2"]
     assert session("INC", "GET", "INC") == ["3", "3", "4"], "state outlives the connection"
     assert session("FOO")[0].startswith("ERR")
+    # Each INC is synced: the value is on the root disk while the guest runs.
+    assert disk_identity.guest_file(vm.disk, "/var/lib/vmft/counter") == b"4\n"

@@ -5,6 +5,7 @@
     vmft status  --config vm.toml     both sides' position, lag, log rate
     vmft lock show --config vm.toml   who holds the pair's go-live lock (test-and-set)
     vmft image build                  build the guest kernel, initramfs and disk
+    vmft disk compare --config vm.toml  do both sides' disk copies hold the same blocks?
     vmft config example               print an annotated configuration
     vmft demo                         a guest under FT on netns hosts; its primary's host dies
 """
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as cfg
+from . import disk_identity
 from . import status as st
 from .events import to_jsonl
 
@@ -150,6 +152,53 @@ def cmd_image(args: argparse.Namespace) -> int:
     return images.main(argv + (["--force"] if args.force else []))
 
 
+def _show_digest(label: str, found: disk_identity.DiskDigest) -> str:
+    at = f" @{found.snapshot}" if found.snapshot else ""
+    return f"{label}{found.path}{at}: sha256 {found.sha256} ({found.size / 2**20:.1f} MiB)"
+
+
+def cmd_disk_digest(args: argparse.Namespace) -> int:
+    try:
+        found = disk_identity.digest(args.disk, args.snapshot)
+    except disk_identity.DiskReadError as e:
+        print(f"vmft: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(found.to_json()) if args.json else _show_digest("", found))
+    return 0
+
+
+def cmd_disk_compare(args: argparse.Namespace) -> int:
+    from .machine import MachinePaths
+
+    config = _load_config(args.config)
+    snapshots = dict(args.snapshot)
+    try:
+        sides = {role: disk_identity.digest(MachinePaths(run_dir).disk, snapshots.get(role))
+                 for role, run_dir in (("primary", config.primary.run_dir),
+                                       ("backup", config.backup.run_dir))}
+    except disk_identity.DiskReadError as e:
+        print(f"vmft: {e}", file=sys.stderr)
+        return 2
+    differing = sides["primary"].differing(sides["backup"])
+    if args.json:
+        print(json.dumps({"identical": not differing, "differing": differing,
+                          **{role: d.to_json() for role, d in sides.items()}}))
+    else:
+        for role, found in sides.items():
+            print(_show_digest(f"{config.vm.name} {role}: ", found))
+        print("identical: both copies hold the same guest-visible blocks" if not differing else
+              "DIFFERENT at " + ", ".join(f"{a / 2**20:.0f}-{b / 2**20:.0f} MiB"
+                                          for a, b in differing))
+    return 1 if differing else 0
+
+
+def _side_snapshot(text: str) -> tuple[str, str]:
+    side, _, name = text.partition("=")
+    if side not in ("primary", "backup") or not name:
+        raise argparse.ArgumentTypeError(f"{text!r}: give primary=NAME or backup=NAME")
+    return side, name
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     print(cfg.__doc__.split("\n\n", 2)[2].replace("\n    ", "\n").strip())
     return 0
@@ -209,6 +258,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, help="cache directory (default /var/cache/vmft/images)")
     p.add_argument("--force", action="store_true", help="rebuild even if cached")
     p.set_defaults(func=cmd_image)
+
+    disk = sub.add_parser(
+        "disk", help="check that both sides' disk copies hold the same guest-visible blocks",
+        description="Each host of the pair runs the guest on its own qcow2 copy of the disk "
+                    "(the paper's non-shared disks), and the backup's replay repeats every "
+                    "write.  These commands read what the guest sees on a copy (the bytes of "
+                    "/dev/vda, not the qcow2 file), read-only, even while a QEMU has it open.",
+        epilog="Compare when both QEMUs have stopped (after a clean shutdown both have made "
+               "the same writes): while the pair runs, the backup is behind by the writes "
+               "it has not replayed yet.  After a go-live, `--snapshot backup=vmft-go-live` "
+               "reads the new primary's copy as of the moment its replay stopped.")
+    actions = disk.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = actions.add_parser("digest", help="sha256 of the guest-visible blocks of one copy",
+                           description="Print the sha256 of what the guest sees on DISK "
+                                       "(what each host of a real pair would send the other).")
+    p.add_argument("disk", type=Path, help="a disk copy (qcow2 or raw)")
+    p.add_argument("--snapshot", metavar="NAME", help="as of this internal snapshot")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_disk_digest)
+    p = actions.add_parser("compare", help="compare both sides' copies of a pair",
+                           description="Digest both sides' copies (run_dir/disk.qcow2 of "
+                                       "[primary] and [backup]) and name the MiB ranges that "
+                                       "differ.  Exit status 0: identical, 1: different, 2: a "
+                                       "copy could not be read.")
+    p.add_argument("--config", type=Path, required=True, help="the pair's TOML file")
+    p.add_argument("--snapshot", type=_side_snapshot, action="append", default=[],
+                   metavar="SIDE=NAME",
+                   help="read that side's copy as of an internal snapshot (primary=NAME or "
+                        "backup=NAME; repeatable)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_disk_compare)
 
     p = sub.add_parser("config", help="print an annotated example configuration")
     p.add_argument("action", choices=["example"])

@@ -9,8 +9,8 @@ an error naming its key and what is allowed.
     memory_mib = 256              # 64 .. 4096
     workload = "ticks"            # ticks | sha256:MIB | shutdown:SECONDS
     icount_shift = 3              # "auto" or 0 .. 10 (3: 8 ns per instruction)
-    disk = true                   # the guest's ext4 disk, through blkreplay
-    image_cache = "/var/cache/vmft/images"
+    disk = true                   # the guest's ext4 root disk, through blkreplay
+    image_cache = "/var/cache/vmft/images"  # default: $VMFT_IMAGE_CACHE, or this
     qemu = "qemu-system-x86_64"
     mac = "52:54:00:77:00:10"     # the guest's NIC ("" for none)
     ip = "192.168.77.10/24"       # the guest's address on the LAN
@@ -63,6 +63,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from .images import DEFAULT_CACHE
 
 
 class ConfigError(ValueError):
@@ -203,7 +205,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "workload": (_string(WORKLOADS, "ticks, sha256:MIB or shutdown:SECONDS"), "ticks"),
         "icount_shift": (_shift, 3),
         "disk": (_boolean, True),
-        "image_cache": (_path, "/var/cache/vmft/images"),
+        "image_cache": (_path, str(DEFAULT_CACHE)),
         "qemu": (_string(r"[\w./+-]+", "a QEMU binary name or path"), "qemu-system-x86_64"),
         "mac": (_string(_MAC + r"|", "a MAC address like 52:54:00:77:00:10, or \"\""), ""),
         "ip": (_string(_IP_PREFIX + r"|", "an IPv4 address with prefix like 192.168.77.10/24, "

@@ -7,10 +7,12 @@ The guest is made only of Debian packages plus the files under `images/`:
   unpacked with `dpkg-deb -x` into the cache, never installed on the host;
 * `initrd.img`: a gzip newc cpio, written here in Python, with busybox from
   `busybox-static`, the virtio/ext4 kernel modules in load order and
-  `images/initramfs/` (the init script, the counter service, the web pages);
-  it stays the running root;
-* `root.ext4`: a raw 64 MiB ext4 state disk made from `images/rootfs/` with
-  `mke2fs -d` (no mount), which the guest mounts at /data.
+  `images/initramfs/init`, which loads them, mounts the root disk and
+  switch_roots into it;
+* `root.ext4`: the guest's raw 64 MiB ext4 root disk, made with `mke2fs -d`
+  (no mount) from busybox with its applet links and `images/rootfs/` (its
+  /sbin/init, the counter service and its state, the web pages).  Each side
+  of the FT pair runs on its own qcow2 copy of it.
 
 Every output is reproducible: fixed timestamps, owners, UUID and hash seed,
 sorted archive members.  Outputs live in `<cache>/guest-<key>/`, where the key
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[str], None]
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 DEFAULT_CACHE = Path(os.environ.get("VMFT_IMAGE_CACHE", "/var/cache/vmft/images"))
 GUEST_FILES = Path(__file__).resolve().parent.parent / "images"
 
@@ -64,7 +66,7 @@ MODULES = ("crc32c_generic", "virtio_pci", "virtio_blk", "virtio_net", "ext4")
 EPOCH = 1700000000  # every timestamp inside the outputs (2023-11-14)
 DISK_MIB = 64
 DISK_UUID = "76d6f7a0-5f0e-4c3e-9a51-000000000001"
-DISK_LABEL = "vmft-data"
+DISK_LABEL = "vmft-root"
 
 KERNEL, INITRD, ROOTFS, MANIFEST = "vmlinuz", "initrd.img", "root.ext4", "manifest.json"
 SBIN_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
@@ -92,7 +94,7 @@ class GuestImage:
 
     kernel: Path
     initrd: Path
-    rootfs: Path  # raw ext4 image; give each VM its own qcow2 overlay on top
+    rootfs: Path  # raw ext4 root disk; give each VM its own qcow2 overlay on top
 
 
 class ImageMissing(RuntimeError):
@@ -475,11 +477,10 @@ def make_initramfs(busybox_root: Path, modules: ModuleTree,
                    order: Sequence[str], out: Path) -> tuple[int, int]:
     """Write initrd.img; returns (members, compressed bytes)."""
     cpio = Cpio()
-    for path in ("dev", "proc", "sys", "data", "run", "tmp", "root", "etc/vmft",
-                 "lib/modules", "bin", "sbin", "usr/bin", "usr/sbin"):
+    for path in ("dev", "proc", "sys", "root", "etc/vmft", "lib/modules", "bin", "sbin",
+                 "usr/bin", "usr/sbin"):
         cpio.directory(path)
     cpio.char_device("dev/console", 5, 1)
-    cpio.directory("tmp", 0o1777)
     busybox = busybox_root / "bin" / "busybox"
     cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
     for applet in _busybox_applets(busybox):
@@ -495,35 +496,53 @@ def make_initramfs(busybox_root: Path, modules: ModuleTree,
 # ----------------------------------------------------------------- rootfs
 
 
-def _stage_rootfs(stage: Path) -> list[str]:
-    """Copy images/rootfs to `stage` with fixed modes and times; guest paths, sorted."""
+# Directories of the root disk besides those images/rootfs has files in.
+ROOT_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "tmp", "root",
+             "var/log")
+
+
+def _stage_rootfs(stage: Path, busybox: Path) -> list[str]:
+    """Busybox, its applet links and images/rootfs in `stage`, with fixed modes and
+    times; returns the guest paths, sorted."""
     paths = ["/", "/lost+found"]
+    for directory in ROOT_DIRS:
+        (stage / directory).mkdir(parents=True)
+    shutil.copyfile(busybox, stage / "bin" / "busybox")
+    (stage / "bin" / "busybox").chmod(0o755)
+    for applet in _busybox_applets(busybox):
+        # Relative links, so nothing here ever follows one out of the stage.
+        link = stage / applet
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(stage / "bin" / "busybox", link.parent))
     for rel, src in _guest_tree("rootfs"):
         if any(c.isspace() for c in rel):
             raise ImageBuildError(f"rootfs file name with white space: {rel!r}")
         dst = stage / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.unlink(missing_ok=True)  # a guest file may replace an applet link (sbin/init)
         dst.write_bytes(src.read_bytes())
         dst.chmod(_guest_file_mode(src))
     for path in sorted(stage.rglob("*"), reverse=True) + [stage]:
-        if path.is_dir():
+        if path.is_dir() and not path.is_symlink():
             path.chmod(0o755)
-        os.utime(path, (EPOCH, EPOCH))
+        os.utime(path, (EPOCH, EPOCH), follow_symlinks=False)
         if path != stage:
             paths.append("/" + path.relative_to(stage).as_posix())
     return sorted(set(paths))
 
 
-def make_rootfs(work: Path, out: Path) -> None:
-    """A raw ext4 image of DISK_MIB MiB holding images/rootfs, made without mounting."""
+def make_rootfs(work: Path, busybox_root: Path, out: Path) -> None:
+    """The root disk: a raw ext4 image of DISK_MIB MiB, made without mounting."""
     stage = work / "rootfs"
     stage.mkdir()
-    paths = _stage_rootfs(stage)
+    paths = _stage_rootfs(stage, busybox_root / "bin" / "busybox")
     conf = work / "mke2fs.conf"
     conf.write_text(MKE2FS_CONF)
     env = {**os.environ, "MKE2FS_CONFIG": str(conf), "E2FSPROGS_FAKE_TIME": str(EPOCH)}
+    # Inode tables and journal zeroed now: no lazy-init thread writing in the guest.
     _run("mke2fs", "-q", "-F", "-t", "ext4", "-L", DISK_LABEL, "-U", DISK_UUID,
-         "-E", f"hash_seed={DISK_UUID},root_owner=0:0", "-d", str(stage),
+         "-E", f"hash_seed={DISK_UUID},root_owner=0:0,lazy_itable_init=0,lazy_journal_init=0",
+         "-d", str(stage),
          str(out), f"{DISK_MIB}M", env=env, what="mke2fs")
     # mke2fs -d copies each inode's ctime (and owner) from the staged file; pin them.
     commands = work / "debugfs.cmd"
@@ -608,8 +627,8 @@ def _assemble(packages: Sequence[Package], key: str, guest_digest: str,
 
     members, size = make_initramfs(broot, modules, order, out / INITRD)
     progress(f"initramfs: {members} entries, {_mib(size)} gzip")
-    make_rootfs(work, out / ROOTFS)
-    progress(f"rootfs: {DISK_MIB} MiB ext4 from images/rootfs (mke2fs -d)")
+    make_rootfs(work, broot, out / ROOTFS)
+    progress(f"root disk: {DISK_MIB} MiB ext4 from busybox and images/rootfs (mke2fs -d)")
     shutil.rmtree(work)
     return {
         "key": key, "builder": BUILDER_VERSION, "guest_files": guest_digest,
@@ -683,7 +702,7 @@ def locate(cache_root: Path = DEFAULT_CACHE) -> GuestImage:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="vmft image", description="Build the vmft guest (Debian kernel, busybox "
-                                       "initramfs, ext4 state disk) into a cache.")
+                                       "initramfs, ext4 root disk) into a cache.")
     parser.add_argument("action", choices=["build", "locate"],
                         help="build: build or reuse; locate: print the built files")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE,
