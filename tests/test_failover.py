@@ -17,8 +17,13 @@ from typing import Any, Iterator
 import pytest
 
 from vmft_qemu import test_and_set as tas
+from vmft_qemu.events import read_jsonl
 from vmft_qemu.nfs_server import NfsServer
 from vmft_qemu.pair import LocalPair, lan_with_storage, pull_the_plug, wait_for
+from vmft_qemu.report import write_report
+
+from .test_metrics import states
+from .test_report import plotted
 
 pytestmark = pytest.mark.qemu
 
@@ -85,6 +90,7 @@ def test_pull_the_plug_on_the_primary_at_random_moments(tmp_path: Path, image) -
                 assert holder.role == "backup"
                 events = [e["event"] for e in lan.events("backup")]
                 assert "going-live" in events and "replay-frozen-and-saved" in events
+                check_takeover_story(lan, round_ == 0)
                 # The guest runs on: its console goes on ticking on the new host.
                 ticks = sum(line.startswith("tick ") for line in lan.console("backup"))
                 wait_for(lambda: sum(line.startswith("tick ") for line in
@@ -92,6 +98,31 @@ def test_pull_the_plug_on_the_primary_at_random_moments(tmp_path: Path, image) -
                          "the guest to keep ticking after the takeover")
             finally:
                 lan.stop()
+
+
+def check_takeover_story(pair: LocalPair, with_report: bool) -> None:
+    """The event log of a takeover: the backup protected the VM, lost the primary,
+    won the lock, went live; and `vmft report` draws it from the run dirs."""
+    backup = pair.events("backup")
+    told = states(backup)
+    assert told[0] == "starting" and "replaying" in told
+    assert told[-4:] == ["partner-lost", "going-live", "starting", "alone"], told
+    order = [e["event"] if e["event"] != "state-change" else e["to"] for e in backup]
+    lost, won, live = (order.index("partner-lost"), order.index("go-live-lock"),
+                       order.index("going-live"))
+    assert lost < won < live and backup[won]["won"] is True
+    assert states(pair.events("primary"))[-1] in ("protected", "lagging")  # killed while so
+    if not with_report:
+        return
+    written = write_report(pair.root)
+    assert written.png.stat().st_size > 20_000
+    assert [(m[1], m[2]) for m in written.report.marks] == [
+        ("partner-lost", "backup"), ("going-live", "backup"), ("alone", "backup")]
+    samples = read_jsonl(pair.run_dir("primary") / "metrics.jsonl")
+    start = written.report.start
+    assert plotted(written.report)["lag"]["primary"] == [
+        (s["time"] - start, s["lag_ms"]) for s in samples if not s["alone"]]
+    assert "- backup: partner lost at" in written.markdown.read_text()
 
 
 def test_kill_the_backup_host_and_the_primary_goes_on(ft_lan) -> None:
@@ -105,6 +136,7 @@ def test_kill_the_backup_host_and_the_primary_goes_on(ft_lan) -> None:
     assert result["answers"] == list(range(1, INCREMENTS + 1))
     primary = ft_lan.status("primary")
     assert primary["state"] == "alone" and primary["alone"]
+    assert states(ft_lan.events("primary"))[-2:] == ["partner-lost", "alone"]
     assert ft_lan.counted() == INCREMENTS
     assert lock_files(nfs) == [tas.lock_name(ft_lan.name, 1)]
 
@@ -148,7 +180,7 @@ def test_partition_while_the_storage_is_unreachable_never_gives_two_live_copies(
         time.sleep(0.2)
     # The link comes back before the storage does: the pair carries on protected.
     pair.hosts["primary"].restore_ft_link()
-    wait_for(lambda: pair.status("primary").get("state") == "protected", 60,
+    wait_for(lambda: pair.status("primary").get("state") in ("protected", "lagging"), 60,
              "the pair to reconnect")
     pair.network.restore_storage()
     out, _ = client.communicate(timeout=300)

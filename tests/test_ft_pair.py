@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -11,11 +12,13 @@ import pytest
 
 from vmft_qemu import disk_identity
 from vmft_qemu import log_channel as lc
+from vmft_qemu.events import read_jsonl
 from vmft_qemu.machine import MachinePaths
 from vmft_qemu.pair import LocalPair, free_port, wait_for
 from vmft_qemu.replay_log import REPLAY_VERSION
 
 from .faults import MODES, FaultProxy
+from .test_metrics import parse, states, value
 
 pytestmark = pytest.mark.qemu
 
@@ -50,6 +53,7 @@ def test_pair_runs_60_s_in_lock_step(pair_factory) -> None:
     final = pair.status("primary")
     assert final["log_bytes_per_s"] > 0 and final["ack_delay_ms"] is not None
     assert pair.status("backup")["refused_frames"] == 0
+    check_metrics(pair)
     # What an operator sees: `vmft status` shows both sides.
     shown = subprocess.run([sys.executable, "-m", "vmft_qemu", "status", "--config",
                             str(pair.config("primary"))], capture_output=True, text=True,
@@ -63,6 +67,47 @@ def test_pair_runs_60_s_in_lock_step(pair_factory) -> None:
     # The end: stop the primary cleanly; the backup replays up to the last line.
     assert pair.shutdown() == {"primary": 0, "backup": 0}
     assert pair.console("backup") == pair.console("primary")
+    # The event log tells the same story.
+    primary_states, backup_states = states(pair.events("primary")), states(pair.events("backup"))
+    assert primary_states[0] == "starting" and "protected" in primary_states
+    assert primary_states[-2:] == ["shutting-down", "shut-down"]
+    assert backup_states[0] == "starting" and "replaying" in backup_states
+    assert backup_states[-1] == "shut-down" and "partner-lost" not in backup_states
+
+
+def check_metrics(pair: LocalPair) -> None:
+    """Both metrics endpoints parse as Prometheus text and agree with the status."""
+    before = pair.status("primary")
+    primary, backup = parse(pair.metrics("primary")), parse(pair.metrics("backup"))
+    after = pair.status("primary")
+    assert [s.labels["state"] for s in primary["vmft_state"]] in (["protected"], ["lagging"])
+    mine = {"vm": pair.name, "role": "primary"}
+    assert value(primary, "vmft_connected", **mine) == 1
+    assert before["recorded"]["offset"] <= value(primary, "vmft_log_bytes_total", **mine) \
+        <= after["recorded"]["offset"]
+    assert before["recorded"]["icount"] <= value(primary, "vmft_icount", **mine) \
+        <= after["recorded"]["icount"]
+    assert 0 <= value(primary, "vmft_lag_seconds") < 1
+    assert 0 <= value(primary, "vmft_lag_instructions") < after["recorded"]["icount"]
+    assert value(primary, "vmft_log_bytes_per_second") > 0
+    assert 0 < value(primary, "vmft_ack_delay_seconds") < 1
+    assert 0 <= value(primary, "vmft_throttle_share") <= 1
+    assert value(primary, "vmft_heartbeat_age_seconds") < 1
+    assert [s.labels["state"] for s in backup["vmft_state"]] == ["replaying"]
+    assert 0 < value(backup, "vmft_icount", role="backup") <= after["recorded"]["icount"]
+    assert value(backup, "vmft_refused_frames_total") == 0
+    assert value(backup, "vmft_heartbeat_age_seconds") < 1
+    # The samples `vmft report` plots: twice a second, from the same snapshot.
+    samples = read_jsonl(pair.run_dir("primary") / "metrics.jsonl")
+    assert len(samples) >= 100 and samples[-1]["recorded"]["offset"] <= after["recorded"]["offset"]
+    gaps = [b["time"] - a["time"] for a, b in zip(samples, samples[1:])]
+    assert sorted(gaps)[len(gaps) // 2] == pytest.approx(0.5, abs=0.1)
+    # `vmft status --json` for scripts: both sides, answering.
+    shown = subprocess.run([sys.executable, "-m", "vmft_qemu", "status", "--json", "--config",
+                            str(pair.config("primary"))], capture_output=True, text=True,
+                           timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert sorted(s["role"] for s in json.loads(shown.stdout)) == ["backup", "primary"]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -16,6 +16,8 @@ import pytest
 from vmft_qemu.pair import LocalPair, wait_for
 from vmft_qemu.topology import GUEST_IP, Topology
 
+from .test_metrics import parse, value
+
 pytestmark = pytest.mark.qemu
 
 # Failure detection that never fires during a test (its own tests are elsewhere).
@@ -62,6 +64,13 @@ def test_client_gets_every_answer_right_and_nothing_leaves_early(lan_pair) -> No
     early = [t for t in trail if t["acked"] < t["stamp"]]
     assert early == []
     assert [t["seq"] for t in trail] == sorted(t["seq"] for t in trail)
+    # The gate's metrics, scraped in host a's network, count what the trail shows.
+    families = parse(pair.metrics("primary"))
+    released = value(families, "vmft_gate_released_frames_total")
+    assert released >= len(trail) and value(families, "vmft_gate_hold_seconds_count") == released
+    within_1s = value(families, "vmft_gate_hold_seconds_bucket", le="1.0")
+    assert within_1s >= sum(t["hold_ms"] <= 1000 for t in trail)
+    assert 0 <= value(families, "vmft_gate_held_frames") < 50
     # The backup replayed the same guest: its console is the primary's so far,
     # and every frame its replay produced is the one the primary sent.
     backup = pair.console("backup")[:-1]

@@ -25,19 +25,19 @@ import asyncio
 import collections
 import logging
 import os
+import socket
 from typing import Any
 
-from . import go_live
+from . import go_live, metrics
 from . import log_channel as lc
 from .config import FTConfig
 from .divergence import DivergenceCheck
-from .events import emit
+from .events import Stateful, emit
 from .failure_detector import FailureDetector
 from .images import GuestImage
 from .log_pipe import open_fifo, unread_bytes
 from .machine import Machine, Role, VMSpec
 from .replay_log import REPLAY_VERSION, LogFormatError, ReplayLogReader, version_bytes
-from .status import SOCKET_NAME, serve
 from .vnic import open_guest_port
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,9 @@ class ReplayFeeder:
         return self.boundaries[0]
 
 
-class BackupController:
+class BackupController(Stateful):
+    role = "backup"
+
     def __init__(self, config: FTConfig, image: GuestImage) -> None:
         self.config = config
         self.run_dir = config.backup.run_dir
@@ -115,11 +117,11 @@ class BackupController:
                                self.run_dir, rrfile=self.run_dir / "replay.fifo")
         self.reader = ReplayLogReader()
         self.feeder: ReplayFeeder | None = None
-        self.state = "starting"
+        self.set_state("starting", "controller started")
         self.connected = False
         self.shutdown_cause: str | None = None
         self.refused = 0
-        self.divergence = DivergenceCheck()
+        self.divergence = DivergenceCheck(self.vm_icount)
         self.errors: list[str] = []
         self.detector = FailureDetector(config, "backup")
         self._unfed = b""  # received log after the last safe point
@@ -149,6 +151,10 @@ class BackupController:
         except asyncio.CancelledError:
             pass  # a newer connection replaced this one, or this side is going live
         finally:
+            if self._session_task is asyncio.current_task() and self.state == "replaying":
+                self.set_state("waiting-for-primary",
+                               self.errors[-1] if self.errors else "log channel closed",
+                               logging.WARNING)
             self.connected = False
             self.detector.set_channel(False)
             writer.close()
@@ -172,7 +178,7 @@ class BackupController:
         await self._ack(sender)
         self.connected = True
         self.detector.set_channel(True)
-        self.state = "replaying"
+        self.set_state("replaying", f"primary connected; its log from offset {self.reader.offset}")
         emit(log, "primary-connected", resume_offset=self.reader.offset)
         silence = max(10 * self.config.channel.heartbeat_ms / 1000, 2.0)
         while True:
@@ -227,10 +233,14 @@ class BackupController:
         self.errors = (self.errors + [message])[-20:]
         emit(log, "channel-error", logging.WARNING, error=message)
 
+    def vm_icount(self) -> int:
+        return self.feeder.replayed()[1] if self.feeder else 0
+
     def snapshot(self) -> dict[str, Any]:
         replayed = self.feeder.replayed() if self.feeder else (0, 0)
         return {
-            "role": "backup", "vm": self.config.vm.name, "state": self.state,
+            "role": "backup", "vm": self.config.vm.name, "host": socket.gethostname(),
+            "state": self.state, "state_since": self.state_since,
             "qemu_pid": self.machine.pid, "controller_pid": os.getpid(),
             "received": {"offset": self.reader.offset, "icount": self.reader.icount},
             "replayed": {"offset": replayed[0], "icount": replayed[1]},
@@ -255,15 +265,19 @@ class BackupController:
             return self.shutdown_cause is None and self.reader.offset > 0
 
         def unreachable(reason: str, error: Exception) -> None:
-            self.state = "primary-failed-no-lock"
+            self.set_state("primary-failed-no-lock", f"go-live lock unreachable: {error}",
+                           logging.WARNING)
             self._error(f"primary failed ({reason}) but the go-live lock is unreachable: "
                         f"not going live ({error})")
 
-        decided = await go_live.decide(self.config, "backup", self.detector, ready, unreachable)
+        decided = await go_live.decide(
+            self.config, "backup", self.detector, ready, unreachable,
+            lambda reason: self.set_state("partner-lost", reason, logging.WARNING))
         assert decided is not None
         verdict, reason = decided
         if not verdict.won:
-            self.state = "stopped"
+            self.set_state("stopped", "lost the go-live lock to "
+                           f"{go_live.holder_text(verdict.holder)}", logging.WARNING)
             self._error(f"the primary failed ({reason}) but the go-live lock is held by "
                         f"{go_live.holder_text(verdict.holder)}: it runs the VM, "
                         "this backup stops for good")
@@ -271,13 +285,14 @@ class BackupController:
         try:
             await self._go_live()
         except go_live.GoLiveError as e:
-            self.state = "failed"
+            self.set_state("failed", f"going live failed: {e}", logging.ERROR)
             self._error(f"going live failed: {e}")
             return "failed"
         return "live"
 
     async def _go_live(self) -> None:
-        self.state = "going-live"
+        self.set_state("going-live", "won the go-live lock: replaying to the end of the log",
+                       logging.WARNING)
         if self._channel is not None:
             self._channel.close()
         if self._session_task is not None:
@@ -303,7 +318,9 @@ class BackupController:
         self._channel = await asyncio.start_server(
             self._on_connection, self.config.backup.address, self.config.backup.log_port)
         await self.detector.start()
-        status = await serve(self.run_dir / SOCKET_NAME, self.snapshot)  # answers once listening
+        # The status socket answers once the log channel listens.
+        published = await metrics.publish(self.run_dir, self.config.backup.metrics_port,
+                                          self.snapshot)
         emit(log, "listening", address=self.config.backup.address,
              port=self.config.backup.log_port)
         # The replaying guest's NIC: its output never reaches the LAN; it is
@@ -315,7 +332,8 @@ class BackupController:
         watch: asyncio.Task[str] | None = None
         try:
             await self.machine.launch()
-            self.state = "waiting-for-primary"
+            if self.state == "starting":
+                self.set_state("waiting-for-primary", "replay QEMU started")
             watch = asyncio.create_task(self._watch_primary())
             exited = asyncio.create_task(self.machine.wait())
             await asyncio.wait({watch, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -328,10 +346,11 @@ class BackupController:
             if self.shutdown_cause is not None:
                 # The primary shut its guest down and we replayed it: not a failure,
                 # so the backup does not go live (paper section 2.3).
-                self.state = "shut-down"
+                self.set_state("shut-down", f"replayed the guest's shutdown "
+                               f"({self.shutdown_cause})")
                 emit(log, "shutdown-replayed", cause=self.shutdown_cause)
                 return "shut-down"
-            self.state = "failed"
+            self.set_state("failed", f"replay QEMU exited with {code}", logging.ERROR)
             self._error(f"replay QEMU exited with {code}: {self.machine.stderr_tail()}")
             return "failed"
         finally:
@@ -339,7 +358,7 @@ class BackupController:
                 watch.cancel()
             self._channel.close()
             self.detector.close()
-            status.close()
+            published.close()
             feeding.cancel()
             if guest is not None:
                 guest.close()

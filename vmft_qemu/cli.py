@@ -2,7 +2,8 @@
 
     vmft primary --config vm.toml     run the guest under record, ship the log
     vmft backup  --config vm.toml     replay the primary's log in lock-step
-    vmft status  --config vm.toml     both sides' position, lag, log rate
+    vmft status  [--config vm.toml]   every controller here: state, lag, log rate, gate
+    vmft report  RUNDIR               plots and a summary of a run, from its run dirs
     vmft lock show --config vm.toml   who holds the pair's go-live lock (test-and-set)
     vmft image build                  build the guest kernel, initramfs and disk
     vmft disk compare --config vm.toml  do both sides' disk copies hold the same blocks?
@@ -91,32 +92,55 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return _run_side(args, "backup")
 
 
-def _status_once(config: cfg.FTConfig) -> dict[str, dict]:
-    found: dict[str, dict] = {}
-    for role, run_dir in (("primary", config.primary.run_dir), ("backup", config.backup.run_dir)):
-        sock = run_dir / st.SOCKET_NAME
-        try:
-            found[role] = st.query(sock)
-        except (OSError, ValueError) as e:
-            found[role] = {"role": role, "state": f"not running here ({sock}: {e})"}
-    return found
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    config = _load_config(args.config)
-    deadline = time.monotonic() + args.watch
-    while True:
-        found = _status_once(config)
-        if args.json:
-            print(json.dumps(found, default=str))
-        else:
-            for snap in found.values():
-                print(st.render(snap) if "recorded" in snap or "received" in snap
-                      else f"{config.vm.name} {snap['role']}: {snap['state']}")
-            print()
-        if time.monotonic() >= deadline:
-            return 0 if all("qemu_pid" in s for s in found.values()) else 1
-        time.sleep(1)
+    from rich.console import Console, Group
+    from rich.live import Live
+
+    run_dirs = [(run_dir, {"vm": config.vm.name, "role": role})
+                for config in map(_load_config, args.config)
+                for role, run_dir in (("primary", config.primary.run_dir),
+                                      ("backup", config.backup.run_dir))]
+    targets = st.discover(run_dirs, args.scan)
+    snapshots: list[dict[str, Any]] = []
+
+    def title() -> str:
+        where = "from the configs" if args.config else f"under {args.scan}"
+        return (f"vmft status {time.strftime('%H:%M:%S')}: {len(targets)} controller(s) {where}"
+                + ("" if targets else " (none found; give --config or --scan)"))
+
+    if args.json:
+        snapshots = st.gather(targets)
+        print(json.dumps(snapshots, default=str, indent=1))
+    elif args.once or not sys.stdout.isatty():
+        snapshots = st.gather(targets)
+        console = Console(width=None if sys.stdout.isatty() else 180)
+        console.print(st.table(snapshots, title()))
+        for snap in snapshots:
+            console.print(st.render(snap), highlight=False, markup=False)
+    else:
+        with Live(auto_refresh=False) as live:
+            try:
+                while True:
+                    snapshots = st.gather(targets)
+                    live.update(Group(st.table(snapshots, title()),
+                                      *[f"{s['vm']} {s['role']}: {e}" for s in snapshots
+                                        for e in s.get("errors", [])[-1:]]), refresh=True)
+                    time.sleep(args.interval)
+            except KeyboardInterrupt:
+                pass
+    return 0 if snapshots and all(map(st.answering, snapshots)) else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import NoRunData, write_report
+
+    try:
+        written = write_report(args.rundir, args.out)
+    except NoRunData as e:
+        print(f"vmft report: {e}", file=sys.stderr)
+        return 2
+    print(f"report: {written.markdown}\nplots:  {written.png}")
+    return 0
 
 
 def cmd_lock(args: argparse.Namespace) -> int:
@@ -231,15 +255,48 @@ def build_parser() -> argparse.ArgumentParser:
     side("backup", cmd_backup,
          "Listen for the primary's log channel and replay the log live.")
 
-    p = sub.add_parser("status", help="show both sides: icount, lag, log rate, ACK delay",
-                       description="Ask the controllers running on this machine for their "
-                                   "view: each side's icount, the lag in instructions and in "
-                                   "ms of guest time, log bytes/s and ACK delay.")
-    p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--json", action="store_true", help="one JSON object per refresh")
-    p.add_argument("--watch", type=float, default=0, metavar="SECONDS",
-                   help="refresh every second for this long")
+    p = sub.add_parser(
+        "status", help="every FT controller on this host: state, lag, log rate, gate",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Ask the FT controllers on this host for their view, one row each: "
+                    "the state (protected, lagging, alone, ...) and for how long, the icount, "
+                    "the lag (ms of the primary's guest clock and instructions; a backup shows "
+                    "the log it has still to replay), log KiB/s, ACK delay, the output gate "
+                    "(frames held / released / last hold in ms), when the partner was last "
+                    "heard and the share of time lag control slows the primary.  Then the "
+                    "details of each.\n\nWhich controllers: both sides of each --config (shown "
+                    "as not answering when not running here), else every status.sock under "
+                    "--scan (default /run/vmft, where run_dir lives by default).\n\nOn a "
+                    "terminal the view refreshes live until Ctrl-C; piped, or with --once, it "
+                    "prints once.  --json prints the controllers' snapshots as a JSON list, the "
+                    "same data the metrics endpoint and metrics.jsonl carry.  Exit status 0: "
+                    "every controller answered; 1: none found or one did not answer.",
+        epilog="examples:\n  vmft status                       live view of this host\n"
+               "  vmft status --config vm.toml --once\n"
+               "  vmft status --json | jq '.[] | {vm, role, state, lag_ms}'")
+    p.add_argument("--config", type=Path, action="append", default=[],
+                   help="a pair's TOML (repeatable): show both of its sides")
+    p.add_argument("--scan", type=Path, default=st.RUN_ROOT, metavar="DIR",
+                   help="without --config, find status sockets under DIR (default %(default)s)")
+    p.add_argument("--json", action="store_true", help="print the snapshots as JSON, once")
+    p.add_argument("--once", action="store_true", help="print once, even on a terminal")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S",
+                   help="live refresh period in seconds (default 1)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "report", help="plots and a markdown summary of a run (lag, log, gate, failovers)",
+        description="Read a run's record: every controller run dir under RUNDIR (its "
+                    "metrics.jsonl, sampled twice a second from the controller's status; "
+                    "events.jsonl, its state changes; gate.jsonl, every frame the output gate "
+                    "held) and write report.png (lag, log bandwidth and output hold time over "
+                    "time, failovers marked) and report.md (the state timeline, failovers, and "
+                    "lag, bandwidth and hold-time figures).  RUNDIR is one controller's run_dir "
+                    "or a directory above several (a pair's, a demo's workdir).",
+        epilog="example: vmft report /run/vmft/demo")
+    p.add_argument("rundir", type=Path, metavar="RUNDIR")
+    p.add_argument("--out", type=Path, help="write the report here (default RUNDIR)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("lock", help="show who holds the go-live lock",
                        description="Read the pair's go-live lock (the test-and-set on shared "

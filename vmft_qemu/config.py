@@ -19,12 +19,14 @@ an error naming its key and what is allowed.
     run_dir = "/run/vmft/demo/primary"
     tap = "vmft0"                 # this host's TAP on the LAN ("" for none)
     log_flush_us = 2000           # push the replay log out of QEMU this often (0: off)
+    metrics_port = 0              # Prometheus text at http://HOST:PORT/metrics (0: off)
 
     [backup]
     run_dir = "/run/vmft/demo/backup"
     tap = "vmft0"
     address = "127.0.0.1"         # where the backup listens for the log channel
     log_port = 7400
+    metrics_port = 0              # the backup's (and, after go-live, the new primary's)
 
     [lag]
     target_ms = 100               # backup at most this far behind (primary's clock)
@@ -89,6 +91,7 @@ class PrimaryConfig:
     run_dir: Path
     tap: str
     log_flush_us: int
+    metrics_port: int
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,7 @@ class BackupConfig:
     tap: str
     address: str
     log_port: int
+    metrics_port: int
 
 
 @dataclass(frozen=True)
@@ -215,12 +219,14 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "run_dir": (_path, "/run/vmft/demo/primary"),
         "tap": (_string(_IFNAME, _IFNAME_TEXT), ""),
         "log_flush_us": (_flush_interval, 2000),
+        "metrics_port": (_int_range(0, 65535), 0),
     },
     "backup": {
         "run_dir": (_path, "/run/vmft/demo/backup"),
         "tap": (_string(_IFNAME, _IFNAME_TEXT), ""),
         "address": (_address, "127.0.0.1"),
         "log_port": (_int_range(1, 65535), 7400),
+        "metrics_port": (_int_range(0, 65535), 0),
     },
     "lag": {
         "target_ms": (_int_range(10, 60_000), 100),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from typing import Callable
 
 from .events import emit
 
@@ -19,7 +20,9 @@ log = logging.getLogger(__name__)
 
 
 class DivergenceCheck:
-    def __init__(self) -> None:
+    def __init__(self, icount: Callable[[], int] = lambda: 0) -> None:
+        """`icount()`: where the backup's replay stands, for the event log."""
+        self._icount = icount
         self._primary: dict[int, bytes] = {}
         self._backup: dict[int, bytes] = {}
         self.backup_frames = 0
@@ -46,7 +49,7 @@ class DivergenceCheck:
             self.last = (f"outbound frame {seq}: primary sent {theirs.hex()[:16]}, "
                          f"backup's replay produced {ours.hex()[:16]}")
             emit(log, "divergence", logging.ERROR, seq=seq, primary=theirs.hex(),
-                 backup=ours.hex())
+                 backup=ours.hex(), icount=self._icount(), reason=self.last)
 
     def snapshot(self) -> dict[str, object]:
         return {"compared": self.compared, "divergences": self.divergences,

@@ -4,6 +4,11 @@ Controllers call `emit(log, "event-name", **fields)`; the record goes through
 `logging` like any other message (so it shows on the terminal) and, where
 `to_jsonl()` installed the handler, as one JSON line in the run directory with
 time, host, VM and role.
+
+A controller's state (starting, protected, lagging, partner-lost, alone, ...)
+changes only through `Stateful.set_state`, which makes every change one
+`state-change` event with `from`, `to`, `reason` and the icount the VM stands
+at: the event log is the pair's history, and `vmft report` draws it.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import logging
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 
 def emit(log: logging.Logger, event: str, level: int = logging.INFO, **fields: Any) -> None:
@@ -52,3 +57,29 @@ def to_jsonl(path: Path, vm: str, role: str) -> JsonLinesHandler:
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Stateful:
+    """A controller's state: read `self.state`, change it with `set_state()`.
+
+    The class says where its VM stands (`vm_icount()`); every change is one
+    `state-change` event, so nothing changes state without leaving a trace."""
+
+    role: ClassVar[str]
+    _state: str | None = None
+    state_since: float = 0.0  # time.time() of the last change
+
+    @property
+    def state(self) -> str:
+        return self._state or "?"
+
+    def vm_icount(self) -> int:
+        raise NotImplementedError
+
+    def set_state(self, to: str, reason: str, level: int = logging.INFO, **fields: Any) -> None:
+        if to == self._state:
+            return
+        emit(logging.getLogger(type(self).__module__), "state-change", level,
+             **{"from": self._state, "to": to, "reason": reason, "icount": self.vm_icount(),
+                "controller": self.role}, **fields)
+        self._state, self.state_since = to, time.time()

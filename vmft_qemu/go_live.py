@@ -68,13 +68,16 @@ async def contend(config: FTConfig, role: str, reason: str) -> test_and_set.Verd
 
 async def decide(config: FTConfig, role: str, detector: FailureDetector,
                  ready: Callable[[], bool | None],
-                 unreachable: Callable[[str, Exception], None]) -> tuple[test_and_set.Verdict, str] | None:
+                 unreachable: Callable[[str, Exception], None],
+                 lost: Callable[[str], None] = lambda reason: None,
+                 ) -> tuple[test_and_set.Verdict, str] | None:
     """Wait for the partner to fail, then contend for the lock until it is decided.
 
     `ready()` says whether a failure now means contending (True), waiting on
     (False: e.g. nothing to go live with yet) or nothing to decide any more
-    (None: the guest shut down).  While the lock is unreachable this side does
-    not go live: `unreachable(reason, error)` is told, and it tries again.
+    (None: the guest shut down).  `lost(reason)` is told before contending.
+    While the lock is unreachable this side does not go live:
+    `unreachable(reason, error)` is told, and it tries again.
     Returns the verdict and the failure's reason."""
     retry = max(config.lock.timeout_ms / 1000, 0.5)
     while True:
@@ -83,6 +86,7 @@ async def decide(config: FTConfig, role: str, detector: FailureDetector,
         if now is None:
             return None
         if now:
+            lost(reason)
             try:
                 return await contend(config, role, reason), reason
             except test_and_set.LockUnavailable as e:

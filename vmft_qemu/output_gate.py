@@ -30,6 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TextIO
 
+from .status import Histogram
+
+HOLD_BOUNDS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
 
 @dataclass
 class HeldFrame:
@@ -49,6 +53,7 @@ class OutputGate:
         self.released = 0
         self.last_hold_ms = 0.0
         self.max_hold_ms = 0.0
+        self.hold_ms = Histogram(HOLD_BOUNDS_MS)
         self._audit: TextIO | None = open(audit, "a", buffering=1) if audit else None
 
     @property
@@ -74,6 +79,10 @@ class OutputGate:
         self.is_open = True
         self._drain()
 
+    def shut(self) -> None:
+        """A new backup joined (`reprotect`): hold frames for its ACKs again."""
+        self.is_open = False
+
     def _drain(self) -> None:
         while self._held and (self.is_open or self._held[0].stamp <= self.acked):
             frame = self._held.popleft()
@@ -82,8 +91,10 @@ class OutputGate:
             self.released += 1
             self.last_hold_ms = (now - frame.held_at) * 1000
             self.max_hold_ms = max(self.max_hold_ms, self.last_hold_ms)
+            self.hold_ms.add(self.last_hold_ms)
             if self._audit:
                 self._audit.write(json.dumps({
+                    "time": round(time.time(), 6),
                     "seq": frame.seq, "stamp": frame.stamp, "acked": self.acked,
                     "open": self.is_open,
                     "bytes": len(frame.data), "hold_ms": round(self.last_hold_ms, 3)}) + "\n")

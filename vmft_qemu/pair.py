@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -80,6 +81,8 @@ class LocalPair:
             (root / "locks").mkdir(exist_ok=True)
             lock = f'backend = "path"\npath = "{root / "locks"}"\n'
         self.heartbeat_port = free_port()
+        # Each side's Prometheus endpoint (in its host's netns with `network`).
+        self.metrics_port = {role: free_port() for role in ROLES}
         # The backup listens on log_port; the primary connects to
         # primary_target_port when something (a fault proxy) sits between them.
         targets = {"primary": (primary_target_address or address,
@@ -89,7 +92,9 @@ class LocalPair:
             self.config(role).write_text(
                 f'[vm]\nname = "{self.name}"\nworkload = "{workload}"\n{nic}'
                 f'[primary]\nrun_dir = "{self.run_dir("primary")}"\n{tap}'
+                f'metrics_port = {self.metrics_port["primary"]}\n'
                 f'[backup]\nrun_dir = "{self.run_dir("backup")}"\n{tap}'
+                f'metrics_port = {self.metrics_port["backup"]}\n'
                 f'address = "{addr}"\nlog_port = {port}\n'
                 f'[failure]\nheartbeat_port = {self.heartbeat_port}\n{failure}'
                 f'[lock]\n{lock}{extra_config}')
@@ -171,6 +176,15 @@ class LocalPair:
             return status.query(self.run_dir(role) / status.SOCKET_NAME, timeout=2)
         except (OSError, ValueError):
             return {}
+
+    def metrics(self, role: str) -> str:
+        """The side's Prometheus text, scraped over HTTP in its host's network."""
+        def scrape() -> str:
+            url = f"http://127.0.0.1:{self.metrics_port[role]}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                return answer.read().decode()
+
+        return self.hosts[role].call(scrape) if role in self.hosts else scrape()
 
     def events(self, role: str) -> list[dict[str, Any]]:
         path = self.run_dir(role) / "events.jsonl"

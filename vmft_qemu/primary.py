@@ -22,14 +22,15 @@ import collections
 import hashlib
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Coroutine
 
-from . import go_live
+from . import go_live, metrics
 from . import log_channel as lc
 from .config import FTConfig
-from .events import emit
+from .events import Stateful, emit
 from .failure_detector import FailureDetector
 from .images import GuestImage
 from .lag_control import LagControl
@@ -37,7 +38,7 @@ from .log_pipe import open_fifo
 from .machine import Machine, Role, VMSpec
 from .output_gate import OutputGate
 from .replay_log import REPLAY_VERSION, ReplayLogReader
-from .status import SOCKET_NAME, RateMeter, serve
+from .status import RateMeter
 from .vnic import Port, gratuitous_arp, open_guest_port, open_tap
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,15 @@ class RetainedLog:
         return Segment(parts[0].offset, b"".join(p.data for p in parts), parts[-1].icount)
 
 
-class PrimaryController:
+# Protected <-> lagging, with hysteresis: proportional lag control keeps the
+# backup a little over its target, which is no news.
+LAGGING_OVER_TARGET = 2.0  # lagging once the backup is this many targets behind
+BACK_WITHIN_TARGET = 1.5  # protected again once within this many targets
+
+
+class PrimaryController(Stateful):
+    role = "primary"
+
     def __init__(self, config: FTConfig, image: GuestImage, host: str = "primary",
                  resume: str | None = None) -> None:
         """`host`: which host of the config this runs on ("backup" after a
@@ -131,6 +140,7 @@ class PrimaryController:
         side = config.primary if host == "primary" else config.backup
         self.run_dir = side.run_dir
         self.tap_name = side.tap
+        self.metrics_port = side.metrics_port
         self.machine = Machine(VMSpec.from_config(config, image), Role.RECORD,
                                self.run_dir, rrfile=self.run_dir / "record.fifo", loadvm=resume)
         self.alone = resume is not None
@@ -142,7 +152,8 @@ class PrimaryController:
         self.retained = RetainedLog()
         self.acked = Position()
         self.backup_replayed = Position()
-        self.state = "starting"
+        self.set_state("starting", "resuming the VM from the go-live snapshot" if resume
+                       else "controller started")
         self.connected = False
         self.shutdown_cause: str | None = None
         self.errors: list[str] = []
@@ -236,6 +247,8 @@ class PrimaryController:
             finally:
                 self.connected = False
                 writer.close()
+            if self.state in ("protected", "lagging"):
+                self.set_state("unprotected", self.errors[-1], logging.WARNING)
             await asyncio.sleep(pause)
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -259,7 +272,8 @@ class PrimaryController:
                 f"it only from {self.retained.start}: the backup must be re-created")
         self.connected = True
         self.detector.set_channel(True)
-        self.state = "protected"
+        self.set_state("protected",
+                       f"backup connected; resending from log offset {welcome.offset}")
         emit(log, "backup-connected", resume_offset=welcome.offset)
         try:
             await first_failure(self._send_log(sender, welcome.offset),
@@ -364,7 +378,7 @@ class PrimaryController:
 
         def done(t: asyncio.Task[None]) -> None:
             if not t.cancelled() and t.exception() is not None:
-                self.state = "failed"
+                self.set_state("failed", f"{what} failed: {t.exception()!r}", logging.ERROR)
                 self._error(f"{what} failed: {t.exception()!r}")
 
         task.add_done_callback(done)
@@ -373,6 +387,19 @@ class PrimaryController:
     def _error(self, message: str) -> None:
         self.errors = (self.errors + [message])[-20:]
         emit(log, "channel-error", logging.WARNING, error=message)
+
+    def vm_icount(self) -> int:
+        return self.reader.icount
+
+    def _watch_lag(self, snapshot: dict[str, Any]) -> None:
+        """Protected <-> lagging: the backup beyond the lag target, and back within."""
+        lag, target = snapshot["lag_ms"], self.config.lag.target_ms
+        if self.state == "protected" and lag > LAGGING_OVER_TARGET * target:
+            self.set_state("lagging", f"backup {lag:.0f} ms behind, target {target} ms",
+                           lag_ms=lag)
+        elif self.state == "lagging" and lag <= BACK_WITHIN_TARGET * target:
+            self.set_state("protected", f"backup back within the target: {lag:.0f} ms behind",
+                           lag_ms=lag)
 
     def lag_ms(self) -> float:
         """How far behind the backup is, in the primary's clock: the last clock
@@ -388,11 +415,12 @@ class PrimaryController:
         recorded = Position(self.reader.offset, self.reader.icount)
         lag = max(0, recorded.icount - self.backup_replayed.icount)
         return {
-            "role": "primary", "vm": self.config.vm.name, "state": self.state,
+            "role": "primary", "vm": self.config.vm.name, "host": socket.gethostname(),
+            "state": self.state, "state_since": self.state_since,
             "qemu_pid": self.machine.pid, "controller_pid": os.getpid(),
             "recorded": recorded.json(), "acked": self.acked.json(),
             "backup_replayed": self.backup_replayed.json(),
-            "lag_insns": lag, "lag_ms": self.lag_ms(),
+            "lag_insns": lag, "lag_ms": self.lag_ms(), "lag_target_ms": self.config.lag.target_ms,
             "icount_per_s": self._icount_rate.rate(),
             "log_bytes_per_s": self._byte_rate.rate(),
             "ack_delay_ms": self.ack_delay_ms, "retained_bytes": self.retained.nbytes,
@@ -402,7 +430,8 @@ class PrimaryController:
             "alone": self.alone, "partner": None if self.alone else self.detector.snapshot(),
             "gate": None if self.gate is None else {
                 "held": self.gate.held + len(self._unstamped), "released": self.gate.released,
-                "last_hold_ms": self.gate.last_hold_ms, "max_hold_ms": self.gate.max_hold_ms},
+                "last_hold_ms": self.gate.last_hold_ms, "max_hold_ms": self.gate.max_hold_ms,
+                "hold_ms": self.gate.hold_ms.json()},
             "errors": self.errors,
         }
 
@@ -423,20 +452,23 @@ class PrimaryController:
         def unreachable(reason: str, error: Exception) -> None:
             # Not going alone: the output stays held, so the outside world
             # sees nothing the backup could contradict should it win later.
-            self.state = "backup-failed-no-lock"
+            self.set_state("backup-failed-no-lock", f"go-live lock unreachable: {error}",
+                           logging.WARNING)
             self._error(f"backup failed ({reason}) but the go-live lock is unreachable: "
                         f"holding output ({error})")
 
         decided = await go_live.decide(
             self.config, "primary", self.detector,
-            lambda: None if self.shutdown_cause is not None else True, unreachable)
+            lambda: None if self.shutdown_cause is not None else True, unreachable,
+            lambda reason: self.set_state("partner-lost", reason, logging.WARNING))
         if decided is None:
             return  # the guest is shutting down: nothing to take over
         verdict, reason = decided
         if verdict.won:
             self._go_alone(reason)
             return
-        self.state = "stopped"
+        self.set_state("stopped", "lost the go-live lock to "
+                       f"{go_live.holder_text(verdict.holder)}", logging.WARNING)
         self.exit_code = 3
         self._error(f"lost the go-live lock to {go_live.holder_text(verdict.holder)}"
                     f" ({reason}): the backup runs the VM now, this primary stops for good")
@@ -444,7 +476,7 @@ class PrimaryController:
 
     def _go_alone(self, reason: str) -> None:
         self.alone = True
-        self.state = "alone"
+        self.set_state("alone", f"won the go-live lock ({reason}): running alone", logging.WARNING)
         if self._shipping is not None:
             self._shipping.cancel()
         self.retained = RetainedLog()
@@ -460,13 +492,14 @@ class PrimaryController:
         fd = open_fifo(self.machine.rrfile)
         loop = asyncio.get_running_loop()
         loop.add_reader(fd, self._on_record_readable, fd)
-        server = await serve(self.run_dir / SOCKET_NAME, self.snapshot)
+        published = await metrics.publish(self.run_dir, self.metrics_port, self.snapshot,
+                                          self._watch_lag)
         background: list[asyncio.Task[None]] = []
         try:
             if self.machine.spec.mac:
                 self._connect_network()
             if self.alone:
-                self.state = "alone"
+                self.set_state("alone", "live on this host, from the go-live snapshot")
                 if self.gate is not None:
                     self.gate.open()
             else:
@@ -480,8 +513,8 @@ class PrimaryController:
             if self.gate is not None:
                 background.append(self._task(self._stamp_forever(), "output stamping"))
             emit(log, "recording", qemu_pid=self.machine.pid, resumed=self.machine.loadvm)
-            if not self.alone:
-                self.state = "unprotected"
+            if self.state == "starting":
+                self.set_state("unprotected", "recording; no backup connected yet")
             if self.config.lag.control and not self.alone:
                 assert self.machine.pid is not None
                 background.append(self._task(self.lag_control.run(
@@ -493,12 +526,13 @@ class PrimaryController:
             if self.exit_code is not None:
                 return self.exit_code
             if code != 0 or not self.reader.ended:
-                self.state = "failed"
+                self.set_state("failed", f"record QEMU exited with {code}", logging.ERROR)
                 self._error(f"record QEMU exited with {code}: {self.machine.stderr_tail()}")
                 return 1
-            self.state = "shutting-down"
+            self.set_state("shutting-down", f"guest shut down ({self.shutdown_cause})")
             delivered = self.alone or await self._wait_acked(self.reader.offset, 30)
-            self.state = "shut-down"
+            self.set_state("shut-down", "alone" if self.alone else "the backup has the whole log"
+                           if delivered else "the backup did not acknowledge the whole log")
             emit(log, "shutdown-complete", backup_has_all=delivered)
             return 0
         finally:
@@ -511,6 +545,6 @@ class PrimaryController:
             if self.gate is not None:
                 self.gate.close()
             loop.remove_reader(fd)
-            server.close()
+            published.close()
             await self.machine.stop()
             os.close(fd)
