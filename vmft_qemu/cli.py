@@ -9,6 +9,8 @@
     vmft disk compare --config vm.toml  do both sides' disk copies hold the same blocks?
     vmft config example               print an annotated configuration
     vmft demo                         a guest under FT on netns hosts; its primary's host dies
+    vmft cluster show|start|stop|pull-plug ...   FT VMs on several hosts, over SSH
+    vmft agent serve                  the host agent `vmft cluster` talks to
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import agent, cluster
 from . import config as cfg
 from . import disk_identity
 from . import status as st
@@ -363,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to run protected before the kill (default 20)")
     p.add_argument("--workdir", type=Path, default=Path("/run/vmft/demo"))
     p.set_defaults(func=cmd_demo)
+
+    agent.add_cli(sub)
+    cluster.add_cli(sub)
     return parser
 
 

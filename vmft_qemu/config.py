@@ -255,11 +255,14 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
 }
 
 
-def _section(raw: dict[str, Any], name: str, source: str) -> dict[str, Any]:
+def _section(raw: dict[str, Any], name: str, source: str,
+             schema: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = SCHEMA
+             ) -> dict[str, Any]:
+    """Table `name` of `raw`, every key checked against `schema` (defaults filled in)."""
     given = raw.get(name, {})
     if not isinstance(given, dict):
         raise ConfigError(f"{source}: [{name}] must be a table")
-    fields = SCHEMA[name]
+    fields = schema[name]
     out: dict[str, Any] = {}
     for key in given:
         if key not in fields:

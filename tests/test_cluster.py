@@ -1,0 +1,267 @@
+"""`vmft cluster` and the host agents: FT VMs placed on several hosts, steered over SSH.
+
+The integration test builds three netns hosts, each with a real sshd (keys made
+for the test; the client checks the hosts' keys against a known_hosts file),
+starts each host's agent over SSH, and from the client's namespace (the
+operator's workstation on the LAN) runs `vmft cluster`: start a VM under FT
+on two of the hosts, pull the plug on the primary's host, see the backup take
+over.  The unit tests check the inventory, the placement and the agent's
+protocol on a local socket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any, Iterator
+
+import psutil
+import pytest
+
+from tests.ssh_hosts import SshHosts
+from vmft_qemu import agent as ag
+from vmft_qemu import cluster as cl
+from vmft_qemu.config import ConfigError
+from vmft_qemu.nfs_server import NfsServer
+from vmft_qemu.pair import TAP, wait_for
+from vmft_qemu.topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, STORAGE_IP, Topology
+
+VMFT = Path(sys.executable).parent / "vmft"
+VM = "web"
+
+
+# --- unit tests --------------------------------------------------------------------
+
+def inventory(count: int = 3, **vm: Any) -> dict[str, Any]:
+    return {
+        "cluster": {"identity": "/k", "known_hosts": "/kh"},
+        "lock": {"backend": "nfs", "server": STORAGE_IP},
+        "hosts": {chr(ord("a") + i): {"address": f"192.168.77.{201 + i}",
+                                      "ft_address": f"10.77.0.{1 + i}"} for i in range(count)},
+        "vms": {VM: {"mac": GUEST_MAC, "ip": f"{GUEST_IP}/{LAN_PREFIX}", **vm}},
+    }
+
+
+def test_the_example_inventory_loads_and_makes_a_valid_pair_config(tmp_path: Path) -> None:
+    out = subprocess.run([VMFT, "cluster", "example"], capture_output=True, text=True, check=True)
+    raw = tomllib.loads(out.stdout)
+    raw["hosts"]["b"] = {"address": "192.168.77.202", "ft_address": "10.77.0.2"}
+    inv = cl.inventory_from_dict(raw)
+    pair = cl.pair_config(inv, inv.vms["web"], inv.hosts["a"], inv.hosts["b"], epoch=7)
+    text = cl.to_toml(pair)
+    assert tomllib.loads(text) == pair
+    assert pair["backup"]["address"] == "10.77.0.2"      # the backup's FT address
+    assert pair["primary"]["run_dir"] != pair["backup"]["run_dir"]
+    assert pair["lock"]["epoch"] == 7
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda raw: raw["hosts"].pop("b") and raw["hosts"].pop("c"), "at least two hosts"),
+    (lambda raw: raw["vms"][VM].update(hosts=["a", "a"]), "different hosts"),
+    (lambda raw: raw["vms"][VM].update(hosts=["a", "x"]), "no host 'x'"),
+    (lambda raw: raw["hosts"]["a"].update(ft_address="ten"), "hosts.a]: host.ft_address"),
+    (lambda raw: raw["hosts"]["a"].update(shell="rm -rf /"), "unknown key"),
+    (lambda raw: raw["lock"].update(server=""), "lock.server"),
+])
+def test_bad_inventories_are_refused_naming_the_key(change, message) -> None:
+    raw = inventory()
+    change(raw)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        cl.inventory_from_dict(raw)
+
+
+def test_placement_puts_the_two_sides_on_different_least_loaded_hosts() -> None:
+    inv = cl.inventory_from_dict(inventory())
+    vm = inv.vms[VM]
+    assert cl.place(vm, ["a", "b", "c"], {}) == ("a", "b")
+    assert cl.place(vm, ["a", "b", "c"], {"a": 2, "b": 1}) == ("c", "b")
+    assert cl.place(vm, ["b", "c"], {}) == ("b", "c")
+    with pytest.raises(cl.ClusterError, match="two reachable hosts"):
+        cl.place(vm, ["c"], {})
+    pinned = cl.inventory_from_dict(inventory(hosts=["c", "a"])).vms[VM]
+    assert cl.place(pinned, ["a", "b", "c"], {"c": 5}) == ("c", "a")
+    with pytest.raises(cl.ClusterError, match="pinned"):
+        cl.place(pinned, ["a", "b"], {})
+
+
+def test_a_vm_running_alone_gets_its_new_backup_on_a_third_host() -> None:
+    survey = {"a": {"error": "unreachable"},
+              "b": {"sides": [{"vm": VM, "running": True, "role": "primary", "state": "alone",
+                               "lag_ms": None}]},
+              "c": {"sides": []}}
+    view = cl.Cluster.vms(survey)[VM]
+    assert (view.primary, view.backup, view.protected) == ("b", None, False)
+    inv = cl.inventory_from_dict(inventory())
+    assert cl.Cluster(inv).spare_for(VM, survey) == "c"
+
+
+def test_the_agent_answers_on_its_socket_and_refuses_bad_requests(tmp_path: Path) -> None:
+    sock = tmp_path / "agent.sock"
+    proc = subprocess.Popen([VMFT, "agent", "serve", "--name", "h1", "--socket", str(sock),
+                             "--state-dir", str(tmp_path / "state")],
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: sock.exists(), 10, "the agent's socket", every=0.05)
+        assert sock.stat().st_mode & 0o077 == 0          # only its owner, root, may connect
+        info = ag.call(sock, {"op": "info"})
+        assert info["ok"] and info["host"] == "h1" and info["sides"] == []
+        assert "unknown op" in ag.call(sock, {"op": "format-disk"})["error"]
+        refused = ag.call(sock, {"op": "start", "vm": VM, "role": "primary",
+                                 "config": '[vm]\nname = "web"\nmemory_mib = 1\n'})
+        assert not refused["ok"] and "vm.memory_mib" in refused["error"]
+        assert "does not run" in ag.call(sock, {"op": "stop", "vm": VM})["error"]
+        # `vmft agent call` is what the cluster runs over SSH: stdin -> socket -> stdout.
+        relayed = subprocess.run([VMFT, "agent", "call", "--socket", str(sock)],
+                                 input='{"op": "info"}\n', capture_output=True, text=True)
+        assert relayed.returncode == 0 and json.loads(relayed.stdout)["host"] == "h1"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# --- the cluster on three netns hosts, over SSH ----------------------------------------
+
+class Lab:
+    """Three netns hosts with sshd and an agent each, storage with the lock, an inventory."""
+
+    def __init__(self, topo: Topology, nfs: NfsServer, ssh: SshHosts, root: Path) -> None:
+        self.topo, self.nfs, self.ssh, self.root = topo, nfs, ssh, root
+        self.agent_pids: list[int] = []
+        self.inventory = root / "cluster.toml"
+        hosts = "".join(
+            f'[hosts.{s}]\naddress = "{h.lan_ip}"\nft_address = "{h.ft_ip}"\ntap = "{TAP}"\n'
+            f'agent_socket = "{self.host_dir(s) / "agent.sock"}"\n'
+            f'run_root = "{self.host_dir(s) / "vms"}"\n' for s, h in topo.hosts.items())
+        self.inventory.write_text(
+            f'[cluster]\nidentity = "{ssh.client_key}"\nknown_hosts = "{ssh.known_hosts}"\n'
+            f'vmft = "{VMFT}"\n'
+            f'[lock]\nbackend = "nfs"\nserver = "{STORAGE_IP}"\nexport = "{nfs.pseudo}"\n'
+            f'{hosts}'
+            f'[vms.{VM}]\nmac = "{GUEST_MAC}"\nip = "{GUEST_IP}/{LAN_PREFIX}"\n')
+        self.inv = cl.load_inventory(self.inventory)
+
+    def host_dir(self, short: str) -> Path:
+        return self.root / "hosts" / short
+
+    def start_agents(self) -> None:
+        """Over SSH, as the hosts' systemd would (this container has no systemd)."""
+        def start() -> list[int]:
+            pids = []
+            for short, host in self.inv.hosts.items():
+                link = cl.AgentLink(self.inv, host)
+                d = self.host_dir(short)
+                d.mkdir(parents=True, exist_ok=True)
+                rc, out, err = link.run([str(VMFT), "agent", "serve", "--detach",
+                                         "--name", short, "--socket", str(host.agent_socket),
+                                         "--state-dir", str(d / "state"),
+                                         "--log", str(d / "agent.log")])
+                link.close()
+                assert rc == 0, err
+                pids.append(int(out))
+            return pids
+        self.agent_pids = self.topo.client.call(start, timeout=60)
+
+    def cluster(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`vmft cluster ARGS -i INVENTORY`, run on the operator's machine (the client)."""
+        done = self.topo.client.run([str(VMFT), "cluster", *args, "-i", str(self.inventory)],
+                                    capture_output=True, text=True, timeout=180)
+        if check and done.returncode not in (0, 1):
+            raise AssertionError(f"vmft cluster {' '.join(args)}: exit {done.returncode}: "
+                                 f"{done.stderr[-2000:]}")
+        return done
+
+    def show(self) -> dict[str, Any]:
+        return json.loads(self.cluster("show", "--json").stdout)
+
+    def console(self, short: str) -> list[str]:
+        path = self.host_dir(short) / "vms" / f"{VM}.{short}" / "console.log"
+        return path.read_text(errors="replace").splitlines() if path.exists() else []
+
+    def stop_everything(self) -> None:
+        """Every controller the agents started (by their PID files), then the agents."""
+        for state in self.root.glob("hosts/*/state/*/*.pid"):
+            pid = int(state.read_text().split()[0])
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in self.agent_pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        wait_for(lambda: not any(psutil.pid_exists(pid) for pid in self.agent_pids), 10,
+                 "the agents to exit", every=0.05)
+
+
+@pytest.fixture
+def lab(tmp_path: Path, image) -> Iterator[Lab]:
+    with Topology(hosts=3, storage=True) as topo, \
+            NfsServer(topo.storage, run_dir=tmp_path / "nfs") as nfs, \
+            SshHosts(topo, tmp_path / "ssh") as ssh:
+        for host in topo.hosts.values():
+            host.add_tap(TAP)
+        lab = Lab(topo, nfs, ssh, tmp_path)
+        try:
+            lab.start_agents()
+            yield lab
+        finally:
+            lab.stop_everything()
+
+
+@pytest.mark.qemu
+def test_cluster_runs_a_vm_on_two_hosts_and_survives_pulling_the_primary_host(lab: Lab) -> None:
+    shown = lab.show()
+    assert sorted(shown["hosts"]) == ["a", "b", "c"]
+    assert all("error" not in info for info in shown["hosts"].values()), shown
+    assert shown["vms"] == {}
+
+    started = lab.cluster("start", VM)
+    assert started.returncode == 0
+    assert "primary on a, backup on b" in started.stdout
+    wait_for(lambda: f"VMFT-NET-UP {GUEST_IP}" in lab.console("b"), 240,
+             "the backup on b to replay the guest's network bring-up", every=1)
+    vm = wait_for(lambda: (v := lab.show()["vms"].get(VM)) and v["protected"]
+                  and (v["lag_ms"] or 1e9) < 500 and v, 120,
+                  "the pair to be protected and caught up", every=1)
+    assert (vm["primary"], vm["backup"]) == ("a", "b")
+    print(lab.cluster("show").stdout)
+    # A second start of the same VM is refused: it runs already.
+    again = lab.cluster("start", VM, check=False)
+    assert again.returncode == 2 and "already runs" in again.stderr
+
+    client = lab.topo.client.popen(
+        [sys.executable, "-m", "vmft_qemu.client", "counter", "--count", "100", "--retries", "3",
+         "--host", GUEST_IP], stdout=subprocess.PIPE, text=True)
+    refused = lab.cluster("pull-plug", "a", check=False)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert lab.cluster("pull-plug", "a", "--yes").returncode == 0
+
+    taken_over = wait_for(lambda: (v := lab.show()["vms"].get(VM)) and v["primary"] == "b"
+                          and v["state"] == "alone" and v, 60,
+                          "the backup on b to take over", every=0.5)
+    after = lab.show()
+    assert "error" in after["hosts"]["a"]                  # the plug is pulled
+    assert taken_over["backup"] is None and not taken_over["protected"]
+    print(lab.cluster("show").stdout)
+    out, _ = client.communicate(timeout=180)
+    result = json.loads(out)
+    assert result["error"] is None, result
+    assert result["answers"][-1] == 100                    # nothing acknowledged was lost
+    ticks = sum(line.startswith("tick ") for line in lab.console("b"))
+    wait_for(lambda: sum(line.startswith("tick ") for line in lab.console("b")) >= ticks + 2,
+             30, "the guest to keep ticking on b", every=0.5)
+
+    # Re-protection onto the third host: c is the spare; starting a backup for a
+    # running VM is `vmft protect` (issue 5), which this vmft does not have yet.
+    protect = lab.cluster("protect", VM, check=False)
+    assert protect.returncode == 2 and "new backup on c" in protect.stderr
+
+    stopped = lab.cluster("stop", VM)
+    assert stopped.returncode == 0 and "shut down cleanly" in stopped.stdout, stopped
+    assert VM not in lab.show()["vms"]
