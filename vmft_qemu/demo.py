@@ -7,7 +7,8 @@ the output gate.  Then it pulls the plug on host a (links down, every process
 SIGKILLed), shows the backup detect it, win the go-live lock, stop its replay
 at the end of the log and run the guest on, and reports whether the client's
 acknowledged increments all survived, how long the guest was gone from the
-LAN, and whether the backup's console carried on the primary's.
+LAN, and whether the backup's console carried on the primary's.  It ends by
+writing `vmft report` of the run (plots and a summary) and printing where.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from .images import locate
 from .lan_watch import LanWatch
 from .pair import LocalPair, lan_with_storage, pull_the_plug, wait_for
+from .report import write_report
 from .topology import GUEST_IP, GUEST_MAC, STORAGE_IP
 
 AFTER_KILL_S = 15  # how long the client goes on after the kill
@@ -63,6 +65,9 @@ def run_demo(seconds: float, workdir: Path) -> int:
         print(f"hosts: primary on {topo.hosts['a'].name}, backup on {topo.hosts['b'].name}, "
               f"client {topo.client.name} ({topo.client.ip}); guest {GUEST_IP}; "
               f"go-live lock on nfs-ganesha at {STORAGE_IP}:{nfs.pseudo} (NFSv4)")
+        print(f"watch it: `vmft status --scan {workdir}`; the primary's metrics: "
+              f"http://127.0.0.1:{pair.metrics_port['primary']}/metrics in netns "
+              f"{topo.hosts['a'].name}")
         try:
             pair.start_both()
             print("booting the guest under record (primary) and replay (backup) ...")
@@ -123,4 +128,6 @@ def run_demo(seconds: float, workdir: Path) -> int:
     print(f"new primary exited:   {code} after a clean guest shutdown")
     if result["error"]:
         print(f"client error:         {result['error']}")
+    written = write_report(pair.root)
+    print(f"report:               {written.markdown} (plots: {written.png})")
     return 0 if kept and carried_on and code == 0 and not result["error"] else 1

@@ -40,8 +40,57 @@ UNSAMPLED = ("errors",)  # in the status, not worth repeating twice a second
 Snapshot = Callable[[], dict[str, Any]]
 
 
-def _ms(v: float | None) -> float | None:
-    return None if v is None else v / 1000
+def _at(*path: str, scale: float = 1.0) -> Callable[[dict[str, Any]], float | None]:
+    """The snapshot's value at `path` (times `scale`), or None where it has none."""
+    def get(snap: dict[str, Any]) -> float | None:
+        value: Any = snap
+        for key in path:
+            value = value.get(key) if isinstance(value, dict) else None
+        return None if value is None else float(value) * scale
+    return get
+
+
+# (name, counter or not, help, value): what each role's snapshot becomes.
+COMMON = [
+    ("vmft_connected", False, "1 while the log channel is up", _at("connected")),
+    ("vmft_heartbeat_age_seconds", False, "time since the partner was last heard (heartbeat "
+     "or log frame)", _at("partner", "last_heard_ms", scale=1e-3)),
+    ("vmft_heartbeats_received", True, "UDP heartbeats from the partner",
+     _at("partner", "heartbeats_in")),
+]
+PRIMARY = [
+    ("vmft_icount", False, "instructions the guest has executed (recorded)",
+     _at("recorded", "icount")),
+    ("vmft_log_bytes", True, "replay log recorded", _at("recorded", "offset")),
+    ("vmft_log_bytes_per_second", False, "replay log rate over the last seconds",
+     _at("log_bytes_per_s")),
+    ("vmft_lag_instructions", False, "instructions recorded, not yet replayed",
+     _at("lag_insns")),
+    ("vmft_lag_seconds", False, "how far the backup's replay is behind, in the primary's "
+     "guest clock", _at("lag_ms", scale=1e-3)),
+    ("vmft_ack_delay_seconds", False, "LOG frame sent -> its ACK",
+     _at("ack_delay_ms", scale=1e-3)),
+    ("vmft_retained_log_bytes", False, "log the backup has not acknowledged",
+     _at("retained_bytes")),
+    ("vmft_throttle_share", False, "share of the time lag control slows the primary (0..1)",
+     _at("throttle_share")),
+    ("vmft_alone", False, "1 when running without a backup", _at("alone")),
+    ("vmft_gate_held_frames", False, "guest frames waiting for an ACK", _at("gate", "held")),
+    ("vmft_gate_released_frames", True, "guest frames released to the LAN",
+     _at("gate", "released")),
+]
+BACKUP = [
+    ("vmft_icount", False, "instructions replayed (to within QEMU's read-ahead)",
+     _at("replayed", "icount")),
+    ("vmft_log_bytes", True, "replay log received", _at("received", "offset")),
+    ("vmft_backlog_bytes", False, "log received, not yet replayed", _at("backlog_bytes")),
+    ("vmft_refused_frames", True, "damaged or out-of-order LOG frames refused",
+     _at("refused_frames")),
+    ("vmft_compared_frames", True, "guest frames checked against the primary's",
+     _at("divergence", "compared")),
+    ("vmft_divergences", True, "frames the replay produced differently",
+     _at("divergence", "divergences")),
+]
 
 
 class SnapshotCollector:
@@ -52,79 +101,27 @@ class SnapshotCollector:
 
     def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()
-        labels = {"vm": snap["vm"], "role": snap["role"]}
-
-        def gauge(name: str, doc: str, value: float | None, **extra: str) -> Iterator[Metric]:
-            if value is not None:
-                g = GaugeMetricFamily(name, doc, labels=[*labels, *extra])
-                g.add_metric([*labels.values(), *extra.values()], float(value))
-                yield g
-
-        def counter(name: str, doc: str, value: float) -> Iterator[Metric]:
-            c = CounterMetricFamily(name, doc, labels=list(labels))
-            c.add_metric(list(labels.values()), float(value))
-            yield c
-
-        yield from gauge("vmft_state", "the controller's state (value 1)", 1, state=snap["state"])
-        yield from gauge("vmft_connected", "1 while the log channel is up", snap["connected"])
-        partner = snap.get("partner")
-        if partner:
-            yield from gauge("vmft_heartbeat_age_seconds",
-                             "time since the partner was last heard (heartbeat or log frame)",
-                             partner["last_heard_ms"] / 1000)
-            yield from counter("vmft_heartbeats_received", "UDP heartbeats from the partner",
-                               partner["heartbeats_in"])
-        if snap["role"] == "primary":
-            yield from self._primary(snap, gauge, counter)
-        else:
-            yield from self._backup(snap, gauge, counter)
-
-    @staticmethod
-    def _primary(snap: dict[str, Any], gauge: Any, counter: Any) -> Iterator[Metric]:
-        yield from gauge("vmft_icount", "instructions the guest has executed (recorded)",
-                         snap["recorded"]["icount"])
-        yield from counter("vmft_log_bytes", "replay log recorded", snap["recorded"]["offset"])
-        yield from gauge("vmft_log_bytes_per_second", "replay log rate over the last seconds",
-                         snap["log_bytes_per_s"])
-        yield from gauge("vmft_lag_instructions", "instructions recorded, not yet replayed",
-                         snap["lag_insns"])
-        yield from gauge("vmft_lag_seconds", "how far the backup's replay is behind, in the "
-                         "primary's guest clock", snap["lag_ms"] / 1000)
-        yield from gauge("vmft_ack_delay_seconds", "LOG frame sent -> its ACK",
-                         _ms(snap["ack_delay_ms"]))
-        yield from gauge("vmft_retained_log_bytes", "log the backup has not acknowledged",
-                         snap["retained_bytes"])
-        yield from gauge("vmft_throttle_share", "share of the time lag control slows the "
-                         "primary (0..1)", snap["throttle_share"])
-        yield from gauge("vmft_alone", "1 when running without a backup", snap["alone"])
-        gate = snap.get("gate")
-        if gate:
-            yield from gauge("vmft_gate_held_frames", "guest frames waiting for an ACK",
-                             gate["held"])
-            yield from counter("vmft_gate_released_frames", "guest frames released to the LAN",
-                               gate["released"])
-            hold = gate["hold_ms"]
+        names, values = ["vm", "role"], [snap["vm"], snap["role"]]
+        state = GaugeMetricFamily("vmft_state", "the controller's state (value 1)",
+                                  labels=[*names, "state"])
+        state.add_metric([*values, snap["state"]], 1)
+        yield state
+        for name, counter, doc, get in COMMON + (PRIMARY if snap["role"] == "primary"
+                                                  else BACKUP):
+            value = get(snap)
+            if value is not None:  # e.g. no ACK yet: no sample rather than a made-up one
+                family = (CounterMetricFamily if counter else GaugeMetricFamily)(
+                    name, doc, labels=names)
+                family.add_metric(values, value)
+                yield family
+        hold = (snap.get("gate") or {}).get("hold_ms")
+        if hold:
             h = HistogramMetricFamily("vmft_gate_hold_seconds",
-                                      "guest frame reached the gate -> released",
-                                      labels=["vm", "role"])
+                                      "guest frame reached the gate -> released", labels=names)
             buckets = [(repr(le / 1000), n) for le, n in zip(hold["le"], hold["counts"])]
-            h.add_metric([snap["vm"], snap["role"]], buckets + [("+Inf", hold["counts"][-1])],
+            h.add_metric(values, buckets + [("+Inf", hold["counts"][-1])],
                          sum_value=hold["sum"] / 1000)
             yield h
-
-    @staticmethod
-    def _backup(snap: dict[str, Any], gauge: Any, counter: Any) -> Iterator[Metric]:
-        yield from gauge("vmft_icount", "instructions replayed (to within QEMU's read-ahead)",
-                         snap["replayed"]["icount"])
-        yield from counter("vmft_log_bytes", "replay log received", snap["received"]["offset"])
-        yield from gauge("vmft_backlog_bytes", "log received, not yet replayed",
-                         snap["backlog_bytes"])
-        yield from counter("vmft_refused_frames", "damaged or out-of-order LOG frames refused",
-                           snap["refused_frames"])
-        yield from counter("vmft_compared_frames", "guest frames checked against the primary's",
-                           snap["divergence"]["compared"])
-        yield from counter("vmft_divergences", "frames the replay produced differently",
-                           snap["divergence"]["divergences"])
 
 
 def exposition(snapshot: Snapshot) -> bytes:

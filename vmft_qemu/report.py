@@ -180,12 +180,12 @@ def _markdown(rundir: Path, runs: list[RunDir], start: float,
             _figures_row("output hold, ms per frame", [y for s in panels["hold"] for y in s.y]),
             "", "## State changes", "", "| t (s) | run dir | controller | from | to | icount "
             "| reason |", "|---|---|---|---|---|---|---|"]
-    for run in runs:
-        for e in run.events:
-            if e["event"] == "state-change":
-                out.append(f"| {e['time'] - start:.2f} | {run.name} | {e.get('controller', '')} "
-                           f"| {e['from'] or ''} | {e['to']} | {e['icount']:,} "
-                           f"| {str(e['reason']).replace('|', '/')} |")
+    changes = sorted(((e, run.name) for run in runs for e in run.events
+                      if e["event"] == "state-change"), key=lambda c: c[0]["time"])
+    for e, name in changes:
+        out.append(f"| {e['time'] - start:.2f} | {name} | {e.get('controller', '')} "
+                   f"| {e['from'] or ''} | {e['to']} | {e['icount']:,} "
+                   f"| {str(e['reason']).replace('|', '/')} |")
     return "\n".join(out) + "\n"
 
 
