@@ -56,6 +56,7 @@ class VMSpec:
     ip: str | None = None  # the guest's address/prefix, e.g. 192.168.77.10/24
     tap: str | None = None  # NIC straight on this TAP: a baseline without FT
     log_flush_us: int = 0  # record side: flush the replay log this often (0: never)
+    throttle: bool = False  # record side: load the throttle plugin for lag control
 
     @classmethod
     def from_config(cls, config: FTConfig, image: GuestImage) -> "VMSpec":
@@ -63,7 +64,7 @@ class VMSpec:
         return cls(name=vm.name, memory_mib=vm.memory_mib, image=image,
                    workload=vm.workload, icount_shift=vm.icount_shift, disk=vm.disk,
                    qemu=vm.qemu, mac=vm.mac or None, ip=vm.ip or None,
-                   log_flush_us=config.primary.log_flush_us)
+                   log_flush_us=config.primary.log_flush_us, throttle=config.lag.control)
 
     @property
     def append(self) -> str:
@@ -98,6 +99,11 @@ class MachinePaths:
     @property
     def snapshots(self) -> Path:
         return self.run_dir / "snapshots.qcow2"
+
+    @property
+    def throttle(self) -> Path:
+        """The throttle plugin's control file (`lag_control.Throttle`)."""
+        return self.run_dir / "throttle.ctl"
 
     @property
     def guest_net(self) -> Path:
@@ -159,14 +165,21 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
             icount += f",rr={mode},rrfile={rrfile}"
         args += ["-icount", icount]
     if role is Role.RECORD and spec.log_flush_us:
-        plugin = PLUGIN_DIR / "liblogflush.so"
-        if not plugin.exists():
-            raise FileNotFoundError(f"{plugin} is missing: build it with `make -C qemu_plugins` "
-                                    "(part of `make setup`)")
-        args += ["-plugin", f"{plugin},interval_us={spec.log_flush_us}"]
+        args += _plugin("logflush", f"interval_us={spec.log_flush_us}")
+    if role is Role.RECORD and spec.throttle:
+        # Only the recording is throttled; the replay needs no plugin.
+        args += _plugin("throttle", f"control={paths.throttle}")
     if loadvm:
         args += ["-loadvm", loadvm]
     return args
+
+
+def _plugin(name: str, *plugin_args: str) -> list[str]:
+    plugin = PLUGIN_DIR / f"lib{name}.so"
+    if not plugin.exists():
+        raise FileNotFoundError(f"{plugin} is missing: build it with `make -C qemu_plugins` "
+                                "(part of `make setup`)")
+    return ["-plugin", ",".join([str(plugin), *plugin_args])]
 
 
 def _die_with_parent() -> None:

@@ -33,7 +33,7 @@ from .config import FTConfig
 from .events import Stateful, emit
 from .failure_detector import FailureDetector
 from .images import GuestImage
-from .lag_control import LagControl
+from .lag_control import LagControl, Throttle
 from .log_pipe import open_fifo
 from .machine import Machine, Role, VMSpec
 from .output_gate import OutputGate
@@ -162,6 +162,7 @@ class PrimaryController(Stateful):
         self._new_log = asyncio.Event()
         self._acked_changed = asyncio.Event()
         self.lag_control = LagControl(config.lag.target_ms)
+        self.throttle: Throttle | None = None  # the throttle plugin's control file
         self.gate: OutputGate | None = None
         self._ports: list[Port] = []
         self._unstamped: list[tuple[bytes, float]] = []
@@ -172,8 +173,8 @@ class PrimaryController(Stateful):
         self._stamp_wanted = asyncio.Event()
         self._icount_rate = RateMeter()
         self._byte_rate = RateMeter()
-        # (log offset, guest clock in ns) after each segment's last clock read:
-        # maps the backup's replay position to the primary's time there.
+        # (log offset, time.monotonic_ns()) as each segment is read: maps the
+        # backup's replay position to when the primary was there.
         self._clock_marks: collections.deque[tuple[int, int]] = collections.deque()
 
     # --- the record pipe -------------------------------------------------------
@@ -198,9 +199,7 @@ class PrimaryController(Stateful):
             self._bound_retained()
         self._icount_rate.add(self.reader.icount)
         self._byte_rate.add(self.reader.offset)
-        clock = self.reader.clock
-        if clock and (not self._clock_marks or self._clock_marks[-1] != clock):
-            self._clock_marks.append(clock)
+        self._clock_marks.append((self.reader.offset, time.monotonic_ns()))
         if self.reader.shutdown and self.shutdown_cause is None:
             self.shutdown_cause = self.reader.shutdown
             emit(log, "guest-shutdown", cause=self.shutdown_cause, icount=self.reader.icount)
@@ -402,8 +401,10 @@ class PrimaryController(Stateful):
                            lag_ms=lag)
 
     def lag_ms(self) -> float:
-        """How far behind the backup is, in the primary's clock: the last clock
-        value the primary recorded minus the last one the backup has replayed."""
+        """How far behind the backup is, in the primary's running time: from
+        when the primary recorded the last event the backup has replayed to
+        when it recorded its newest.  (Not the guest's clock reads: a
+        CPU-bound guest makes none for seconds.)"""
         if self.alone:
             return 0.0
         marks, replayed = self._clock_marks, self.backup_replayed.offset
@@ -426,6 +427,7 @@ class PrimaryController(Stateful):
             "ack_delay_ms": self.ack_delay_ms, "retained_bytes": self.retained.nbytes,
             "paused_retained_full": self.paused_full,
             "throttle_share": self.lag_control.share, "throttle_reason": self.lag_control.reason,
+            "throttle_slept_s": self.throttle.slept_s if self.throttle else 0.0,
             "connected": self.connected, "shutdown_cause": self.shutdown_cause,
             "alone": self.alone, "partner": None if self.alone else self.detector.snapshot(),
             "gate": None if self.gate is None else {
@@ -506,6 +508,8 @@ class PrimaryController(Stateful):
                 await self.detector.start()
                 self._shipping = self._task(self._ship_forever(), "log shipping")
                 background += [self._shipping, self._task(self._watch_backup(), "failure watch")]
+            if self.machine.spec.throttle:
+                self.throttle = Throttle(self.machine.paths.throttle)  # before QEMU maps it
             await self.machine.launch()
             if self.alone and self._tap is not None and self.machine.spec.ip:
                 # The guest now sends from this host: let the LAN's switches learn it.
@@ -515,10 +519,9 @@ class PrimaryController(Stateful):
             emit(log, "recording", qemu_pid=self.machine.pid, resumed=self.machine.loadvm)
             if self.state == "starting":
                 self.set_state("unprotected", "recording; no backup connected yet")
-            if self.config.lag.control and not self.alone:
-                assert self.machine.pid is not None
+            if self.throttle is not None and not self.alone:
                 background.append(self._task(self.lag_control.run(
-                    self.machine.pid, self.lag_ms, lambda: self.connected), "lag control"))
+                    self.throttle, self.lag_ms, lambda: self.connected), "lag control"))
             code = await self.machine.wait()
             self._on_record_readable(fd)  # whatever QEMU wrote last
             emit(log, "qemu-exited", code=code, shutdown_cause=self.shutdown_cause,
@@ -547,4 +550,6 @@ class PrimaryController(Stateful):
             loop.remove_reader(fd)
             published.close()
             await self.machine.stop()
+            if self.throttle is not None:
+                self.throttle.close()
             os.close(fd)
