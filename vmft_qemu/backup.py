@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import os
 import socket
 from typing import Any
 
-from . import go_live, metrics
+from . import go_live, metrics, reprotect
 from . import log_channel as lc
 from .config import FTConfig
 from .divergence import DivergenceCheck
@@ -46,14 +47,18 @@ log = logging.getLogger(__name__)
 class ReplayFeeder:
     """Writes received log into the replay pipe as fast as QEMU takes it."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, offset: int = 0, icount: int = 0,
+                 prefix: bytes | None = None) -> None:
+        """`offset`, `icount`: where the log fed starts (a join point, `reprotect`);
+        `prefix`: what QEMU reads first (default: the log version)."""
         self.fd = fd
+        self.prefix = version_bytes() if prefix is None else prefix
         self.queue: collections.deque[tuple[bytes, int, int]] = collections.deque()
         self.queued_bytes = 0
-        self.written_offset = 0
+        self.written_offset = offset
         # (end offset, icount) of fed event runs, to map pipe position -> icount
-        self.boundaries: collections.deque[tuple[int, int]] = collections.deque([(0, 0)])
-        self.fed_icount = 0  # icount at the end of everything put here
+        self.boundaries: collections.deque[tuple[int, int]] = collections.deque([(offset, icount)])
+        self.fed_icount = icount  # icount at the end of everything put here
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
 
@@ -71,7 +76,7 @@ class ReplayFeeder:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        os.write(self.fd, version_bytes())
+        os.write(self.fd, self.prefix)
         while True:
             if not self.queue:
                 self._idle.set()
@@ -110,12 +115,23 @@ class ReplayFeeder:
 class BackupController(Stateful):
     role = "backup"
 
-    def __init__(self, config: FTConfig, image: GuestImage) -> None:
+    def __init__(self, config: FTConfig, image: GuestImage, standby: bool = False) -> None:
+        """`standby`: a new backup with no VM state yet, for a primary running
+        alone to join (`reprotect`); it replays once the state has come."""
         self.config = config
         self.run_dir = config.backup.run_dir
+        self.standby = standby
         self.machine = Machine(VMSpec.from_config(config, image), Role.REPLAY,
-                               self.run_dir, rrfile=self.run_dir / "replay.fifo")
+                               self.run_dir, rrfile=self.run_dir / "replay.fifo",
+                               loadvm=reprotect.JOIN_SNAPSHOT if standby else None)
         self.reader = ReplayLogReader()
+        self._fifo = -1
+        self._joining: reprotect.StateReceiver | None = None
+        self._state_ready = asyncio.Event()
+        # Go live only with the log up to this icount (None: the primary has
+        # not said PROTECT yet, so this standby must never go live).
+        self.protected_from: int | None = None if standby else 0
+        self.live_icount = 0  # where the replay stood when it went live
         self.feeder: ReplayFeeder | None = None
         self.set_state("starting", "controller started")
         self.connected = False
@@ -155,6 +171,10 @@ class BackupController(Stateful):
                 self.set_state("waiting-for-primary",
                                self.errors[-1] if self.errors else "log channel closed",
                                logging.WARNING)
+            if self._joining is not None and not self._joining.complete:
+                self._joining.close()  # a join cut short: wait for the next one
+                self._joining, self.reader = None, ReplayLogReader()
+                self.set_state("standby", "the join was cut short", logging.WARNING)
             self.connected = False
             self.detector.set_channel(False)
             writer.close()
@@ -174,11 +194,18 @@ class BackupController(Stateful):
         if hello.type != lc.FrameType.HELLO:
             raise lc.ProtocolMismatch(f"expected HELLO first, got {hello.type.name}")
         self._check_hello(hello.json())
+        standby = self.standby and self.feeder is None
+        if standby and hello.json().get("join_epoch") is None:
+            raise lc.ProtocolMismatch(
+                "this standby has no VM state yet, and the primary cannot take a new backup "
+                "now (it has had one in this lock epoch: that one's failure is decided first)")
         order.next_offset = self.reader.offset
-        await self._ack(sender)
+        await self._ack(sender, lc.ACK_STANDBY if standby else 0)
         self.connected = True
         self.detector.set_channel(True)
-        self.set_state("replaying", f"primary connected; its log from offset {self.reader.offset}")
+        if not standby:
+            self.set_state("replaying",
+                           f"primary connected; its log from offset {self.reader.offset}")
         emit(log, "primary-connected", resume_offset=self.reader.offset)
         silence = max(10 * self.config.channel.heartbeat_ms / 1000, 2.0)
         while True:
@@ -190,6 +217,14 @@ class BackupController(Stateful):
             elif frame.type == lc.FrameType.DIGEST:
                 self.divergence.primary_sent(*lc.DIGEST_PAYLOAD.unpack(frame.payload))
                 continue
+            elif frame.type in (lc.FrameType.JOIN, lc.FrameType.STATE):
+                self._take_state(frame)
+                order.next_offset = self.reader.offset
+                continue
+            elif frame.type == lc.FrameType.PROTECT:
+                self.protected_from = frame.icount
+                self.set_state("replaying", f"protecting the VM from icount {frame.icount} "
+                               f"(lock epoch {self.config.lock.epoch})")
             elif frame.type != lc.FrameType.HEARTBEAT:
                 raise lc.ProtocolMismatch(f"unexpected {frame.type.name} from the primary")
             await self._ack(sender)
@@ -221,11 +256,33 @@ class BackupController(Stateful):
             self.feeder.put(data[:cut], offset, icount)
         self._unfed = data[max(cut, 0):]
 
-    async def _ack(self, sender: lc.Sender) -> None:
-        assert self.feeder is not None
-        replayed = self.feeder.replayed()
+    def _take_state(self, frame: lc.Frame) -> None:
+        """A standby receives the join point and the VM's state (`reprotect`)."""
+        if frame.type == lc.FrameType.JOIN:
+            if not self.standby or self.feeder is not None:
+                raise lc.ProtocolMismatch("JOIN to a backup that already has the VM's state")
+            if self._joining is not None:
+                self._joining.close()
+            self._joining = reprotect.StateReceiver(self.run_dir, frame)
+            self.machine.paths.console.unlink(missing_ok=True)
+            self.reader = ReplayLogReader(frame.offset, frame.icount)
+            self.config = dataclasses.replace(self.config, lock=dataclasses.replace(
+                self.config.lock, epoch=self._joining.epoch))
+            self.set_state("joining", f"receiving the VM's state ({self._joining.total} bytes)")
+            return
+        if self._joining is None:
+            raise lc.ProtocolMismatch("STATE frame without a JOIN first")
+        self._joining.take(frame)
+        if self._joining.complete:
+            self.feeder = ReplayFeeder(self._fifo, self._joining.offset, self._joining.icount,
+                                       reprotect.feed_prefix())
+            self._state_ready.set()
+
+    async def _ack(self, sender: lc.Sender, flags: int = 0) -> None:
+        replayed = self.feeder.replayed() if self.feeder else (self.reader.offset,
+                                                              self.reader.icount)
         await sender.send(lc.FrameType.ACK, self.reader.offset, self.reader.icount,
-                          lc.ACK_PAYLOAD.pack(*replayed, self.reader.safe_point[1]))
+                          lc.ACK_PAYLOAD.pack(*replayed, self.reader.safe_point[1]), flags)
 
     # --- status and lifecycle --------------------------------------------------
 
@@ -259,7 +316,11 @@ class BackupController(Stateful):
         received log, or "lost-lock" when the primary holds the lock (it went
         on alone).  While the lock cannot be reached, keeps replaying and
         retries: maybe the primary is only cut off and comes back."""
-        def ready() -> bool:
+        def ready() -> bool | None:
+            if self.feeder is None:
+                return False  # a standby with no state: nothing to decide, the next join may come
+            if self.protected_from is None or self.reader.safe_point[1] < self.protected_from:
+                return None  # a join not completed: this replay may lack released output
             # A guest that shut down is not a failure (QEMU exits after
             # replaying it), and with no log yet there is nothing to go live with.
             return self.shutdown_cause is None and self.reader.offset > 0
@@ -273,7 +334,10 @@ class BackupController(Stateful):
         decided = await go_live.decide(
             self.config, "backup", self.detector, ready, unreachable,
             lambda reason: self.set_state("partner-lost", reason, logging.WARNING))
-        assert decided is not None
+        if decided is None:
+            self.set_state("failed", "the primary failed before this new backup held all the "
+                           "log it released output for: nothing to go live with", logging.ERROR)
+            return "failed"
         verdict, reason = decided
         if not verdict.won:
             self.set_state("stopped", "lost the go-live lock to "
@@ -303,6 +367,7 @@ class BackupController(Stateful):
              unfed_bytes=len(self._unfed), received_icount=self.reader.icount)
         await go_live.freeze_and_save(self.machine.qmp, self.machine.pid, self.machine.rrfile,
                                       self.feeder.fd, self.feeder.fed_icount, timeout=120)
+        self.live_icount = self.feeder.fed_icount
         await self.machine.stop()
 
     async def run(self) -> str:
@@ -312,9 +377,10 @@ class BackupController(Stateful):
         it), "live" (this side won the lock: the caller runs the VM on from
         the go-live snapshot), "lost-lock" or "failed"."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = open_fifo(self.machine.rrfile)
-        self.feeder = ReplayFeeder(fd)
-        feeding = asyncio.create_task(self.feeder.run())
+        fd = self._fifo = open_fifo(self.machine.rrfile)
+        if not self.standby:
+            self.feeder = ReplayFeeder(fd)
+        feeding: asyncio.Task[None] | None = None
         self._channel = await asyncio.start_server(
             self._on_connection, self.config.backup.address, self.config.backup.log_port)
         await self.detector.start()
@@ -331,10 +397,20 @@ class BackupController(Stateful):
             guest.listen(self.divergence.backup_produced)
         watch: asyncio.Task[str] | None = None
         try:
+            # A standby answers a joining primary's heartbeats from the start.
+            watch = asyncio.create_task(self._watch_primary())
+            if self.standby:
+                self.set_state("standby", "waiting for a primary running alone to join")
+                state = asyncio.create_task(self._state_ready.wait())
+                await asyncio.wait({state, watch}, return_when=asyncio.FIRST_COMPLETED)
+                if watch.done():  # its primary failed before the join completed
+                    state.cancel()
+                    return await watch
+            assert self.feeder is not None
+            feeding = asyncio.create_task(self.feeder.run())
             await self.machine.launch()
             if self.state == "starting":
                 self.set_state("waiting-for-primary", "replay QEMU started")
-            watch = asyncio.create_task(self._watch_primary())
             exited = asyncio.create_task(self.machine.wait())
             await asyncio.wait({watch, exited}, return_when=asyncio.FIRST_COMPLETED)
             if watch.done() or self.state == "going-live":  # going live stops QEMU itself
@@ -359,7 +435,8 @@ class BackupController(Stateful):
             self._channel.close()
             self.detector.close()
             published.close()
-            feeding.cancel()
+            if feeding is not None:
+                feeding.cancel()
             if guest is not None:
                 guest.close()
             if self._session_task is not None:

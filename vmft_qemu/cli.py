@@ -2,6 +2,7 @@
 
     vmft primary --config vm.toml     run the guest under record, ship the log
     vmft backup  --config vm.toml     replay the primary's log in lock-step
+    vmft protect --config vm.toml     stand by as the new backup of a VM running alone
     vmft status  [--config vm.toml]   every controller here: state, lag, log rate, gate
     vmft report  RUNDIR               plots and a summary of a run, from its run dirs
     vmft lock show --config vm.toml   who holds the pair's go-live lock (test-and-set)
@@ -58,6 +59,8 @@ def _run_side(args: argparse.Namespace, role: str) -> int:
     except ImageMissing as e:
         raise SystemExit(f"vmft: {e}") from None
     run_dir = config.primary.run_dir if role == "primary" else config.backup.run_dir
+    standby = role == "protect"
+    role = "backup" if standby else role
     to_jsonl(run_dir / "events.jsonl", config.vm.name, role)
     # The controller's heartbeats and gate must not wait behind its QEMU's CPU
     # use: a starved controller looks dead to its partner (QEMU runs at 0).
@@ -72,11 +75,14 @@ def _run_side(args: argparse.Namespace, role: str) -> int:
     async def main() -> int:
         if role == "primary":
             return await serve(PrimaryController(config, image))
-        outcome = await serve(BackupController(config, image))
+        backup = BackupController(config, image, standby=standby)
+        outcome = await serve(backup)
         if outcome != "live":
             return BACKUP_EXIT[outcome]
-        # This side won the go-live lock: the VM runs on here, alone.
-        return await serve(PrimaryController(config, image, host="backup", resume=SNAPSHOT))
+        # This side won the go-live lock: the VM runs on here, alone, in the
+        # pair's generation (a joined backup's lock epoch is its pair's).
+        return await serve(PrimaryController(backup.config, image, host="backup",
+                                             resume=SNAPSHOT, resume_icount=backup.live_icount))
 
     return asyncio.run(main())
 
@@ -93,6 +99,10 @@ def cmd_primary(args: argparse.Namespace) -> int:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     return _run_side(args, "backup")
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    return _run_side(args, "protect")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -257,6 +267,25 @@ def build_parser() -> argparse.ArgumentParser:
          "Run the guest under icount record and ship its replay log to the backup.")
     side("backup", cmd_backup,
          "Listen for the primary's log channel and replay the log live.")
+    p = sub.add_parser(
+        "protect", help="make this host the new backup of a VM that runs alone",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Make this host the new backup of a VM that runs alone (after a "
+        "takeover): wait as a standby at backup.address:log_port until the VM's primary "
+        "joins it.\n\nThe primary of a VM running alone looks for a standby at every "
+        "protect.hosts entry of its config (when protect.auto is true, the default).  It "
+        "pauses its guest for a moment to take a snapshot (savevm), sends the VM state and "
+        "the disk as of that snapshot over the log channel, and streams the log from the "
+        "snapshot on; this host's replay starts from the snapshot and follows it.  Once this "
+        "host has the log up to the present, the primary holds its output for this host's "
+        "ACKs again: the VM is protected, and the pair races for the next lock epoch if one "
+        "of them fails.  Until then this host never goes live.  Runs until the guest shuts "
+        "down, like `vmft backup`, and goes live the same way if the primary fails.")
+    p.add_argument("--config", type=Path, required=True,
+                   help="the VM's TOML file as on this host (backup.* is this host)")
+    p.set_defaults(func=cmd_protect)
+    p.epilog = ("example, on the spare host (its config's backup.address is this host's):\n"
+                "  vmft protect --config /etc/vmft/vm.toml")
 
     p = sub.add_parser(
         "status", help="every FT controller on this host: state, lag, log rate, gate",

@@ -55,6 +55,11 @@ an error naming its key and what is allowed.
     export = "/vmft"              # backend "nfs": the exported directory
     timeout_ms = 1000             # give up on the lock after this: do not go live
     epoch = 1                     # the FT pair's generation; both sides race for it
+
+    [protect]
+    hosts = ["10.0.0.3:7400"]     # where a standby backup may wait (`vmft protect`):
+                                  # its log channel address:port; [] for none
+    auto = true                   # a VM running alone joins a standby there by itself
 """
 
 from __future__ import annotations
@@ -136,6 +141,12 @@ class LockConfig:
 
 
 @dataclass(frozen=True)
+class ProtectConfig:
+    hosts: tuple[tuple[str, int], ...]
+    auto: bool
+
+
+@dataclass(frozen=True)
 class FTConfig:
     vm: VMConfig
     primary: PrimaryConfig
@@ -144,6 +155,7 @@ class FTConfig:
     channel: ChannelConfig
     failure: FailureConfig
     lock: LockConfig
+    protect: ProtectConfig = ProtectConfig(hosts=(), auto=True)
     source: str = "<defaults>"
 
 
@@ -194,6 +206,20 @@ def _shift(v: Any) -> str:
     if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 10):
         return str(v)
     raise ValueError('must be "auto" or an integer from 0 to 10')
+
+
+def _endpoints(v: Any) -> tuple[tuple[str, int], ...]:
+    allowed = 'a list of "IP:PORT" strings, e.g. ["10.0.0.3:7400"]'
+    if not isinstance(v, list):
+        raise ValueError(f"must be {allowed}")
+    out = []
+    for item in v:
+        address, _, port = item.rpartition(":") if isinstance(item, str) else ("", "", "")
+        try:
+            out.append((_address(address), _int_range(1, 65535)(int(port))))
+        except ValueError:
+            raise ValueError(f"{item!r} is not IP:PORT; must be {allowed}") from None
+    return tuple(out)
 
 
 _MAC = r"[0-9a-f]{2}(:[0-9a-f]{2}){5}"
@@ -251,6 +277,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "export": (_path, "/vmft"),
         "timeout_ms": (_int_range(50, 600_000), 1000),
         "epoch": (_int_range(1, 2**62), 1),
+    },
+    "protect": {
+        "hosts": (_endpoints, []),
+        "auto": (_boolean, True),
     },
 }
 
@@ -310,6 +340,7 @@ def from_dict(raw: dict[str, Any], source: str = "<dict>") -> FTConfig:
         channel=ChannelConfig(**_section(raw, "channel", source)),
         failure=FailureConfig(**failure),
         lock=LockConfig(**lock),
+        protect=ProtectConfig(**_section(raw, "protect", source)),
         source=source,
     )
 

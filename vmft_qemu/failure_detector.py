@@ -77,6 +77,10 @@ class FailureDetector:
             self._transport, _ = await loop.create_datagram_endpoint(
                 lambda: _Endpoint(self), family=socket.AF_INET)  # any local port
 
+    def partner_at(self, address: str) -> None:
+        """The primary's backup is now at `address` (a standby joined, `reprotect`)."""
+        self._partner = (address, self.config.failure.heartbeat_port)
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.close()

@@ -38,6 +38,9 @@ MAX_PAYLOAD = 4 << 20
 # and the icount up to which it could go live: the last safe point it has
 # received (`ReplayLogReader.safe_point`).  The output gate releases against that.
 ACK_PAYLOAD = struct.Struct(">QQQ")
+# The flag of a backup's first ACK when it is a standby with no VM state yet:
+# the primary must join it (`reprotect`) before it can ship log.
+ACK_STANDBY = 1
 # A DIGEST: which of the guest's outbound frames (1, 2, ...) and its SHA-256.
 DIGEST_PAYLOAD = struct.Struct(">Q32s")
 
@@ -49,6 +52,11 @@ class FrameType(enum.IntEnum):
     HEARTBEAT = 4  # both ways: I am alive (payload: JSON status, optional)
     REFUSE = 5  # backup -> primary: a frame was refused (JSON reason); closes
     DIGEST = 6  # primary -> backup: SHA-256 of the n-th frame its guest sent out
+    # Re-protection (`reprotect`): a new backup joins a VM running alone.
+    JOIN = 7  # primary -> backup: the join point (offset, icount), epoch and state files
+    STATE = 8  # primary -> backup: bytes of state file `icount` at position `offset`
+    PROTECT = 9  # primary -> backup: output waits for ACKs again; frames it released
+    #              alone reach up to `icount`, so go live only with the log up to there
 
 
 class FrameError(Exception):
@@ -201,8 +209,8 @@ class Sender:
     seq: int = 0
 
     async def send(self, ftype: FrameType, offset: int = 0, icount: int = 0,
-                   payload: bytes = b"") -> Frame:
-        frame = Frame(ftype, self.seq, offset, icount, payload)
+                   payload: bytes = b"", flags: int = 0) -> Frame:
+        frame = Frame(ftype, self.seq, offset, icount, payload, flags)
         self.seq += 1
         self.writer.write(frame.encode())
         await self.writer.drain()

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from . import status
 from .events import read_jsonl
@@ -200,18 +200,24 @@ class LocalPair:
 
     def stop(self) -> None:
         """Stop everything this pair started, whatever state it is in."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+        stop_processes(self.procs.values())
         for role in ROLES:
             for pid in _pids_using(self.run_dir(role) / "qmp.sock"):
                 os.kill(pid, signal.SIGKILL)
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM each process group, SIGKILL what is left after 15 s; reap them."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
 
 
 @contextlib.contextmanager
@@ -236,3 +242,90 @@ def _pids_using(marker: Path) -> list[int]:
     """QEMUs whose command line names `marker` (left over after a controller died)."""
     found = subprocess.run(["pgrep", "-f", str(marker)], capture_output=True, text=True)
     return [int(pid) for pid in found.stdout.split()]
+
+
+class SpareHosts(LocalPair):
+    """One VM on several netns hosts that take turns: a primary, its backup and
+    standbys (`vmft protect`) for re-protection (`reprotect`).
+
+    Every host has one config: `backup.*` is the host itself (where its
+    standby listens), `protect.hosts` lists every host.  The first primary
+    joins a standby like any primary without a backup.  Keyed by host name
+    ("a", "b", ...) where `LocalPair` is keyed by role."""
+
+    def __init__(self, root: Path, network: Topology, workload: str = "ticks",
+                 extra_config: str = "") -> None:
+        self.root = root
+        self.network = network
+        self.hosts = dict(network.hosts)
+        self.log_port = free_port()
+        self.heartbeat_port = free_port()
+        self.name = f"vm{self.log_port}"
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.side: dict[str, str] = {}  # host -> "primary" or "backup": its run dir
+        (root / "locks").mkdir(parents=True, exist_ok=True)
+        everyone = ", ".join(f'"{h.ft_ip}:{self.log_port}"' for h in self.hosts.values())
+        for short, host in self.hosts.items():
+            host.add_tap(TAP)
+            self.config(short).write_text(
+                f'[vm]\nname = "{self.name}"\nworkload = "{workload}"\n'
+                f'mac = "{GUEST_MAC}"\nip = "{GUEST_IP}/{LAN_PREFIX}"\n'
+                f'[primary]\nrun_dir = "{root / short / "primary"}"\ntap = "{TAP}"\n'
+                f'[backup]\nrun_dir = "{root / short / "backup"}"\ntap = "{TAP}"\n'
+                f'address = "{host.ft_ip}"\nlog_port = {self.log_port}\n'
+                f'[failure]\nheartbeat_port = {self.heartbeat_port}\n'
+                f'[lock]\nbackend = "path"\npath = "{root / "locks"}"\n'
+                f'[protect]\nhosts = [{everyone}]\n{extra_config}')
+
+    def run_dir(self, host: str) -> Path:
+        return self.root / host / self.side.get(host, "backup")
+
+    def start(self, host: str, command: str = "protect") -> None:
+        """`vmft primary` (a new VM) or `vmft protect` (a standby) on `host`."""
+        self.side[host] = "primary" if command == "primary" else "backup"
+        argv = self.hosts[host].command(
+            [sys.executable, "-m", "vmft_qemu", command, "--config", str(self.config(host))])
+        with open(self.root / f"{host}.out", "ab") as out:
+            self.procs[host] = subprocess.Popen(
+                argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+
+    def role_of(self, host: str) -> str | None:
+        """"primary" (the VM runs here), "backup" (protecting it), "standby" or None."""
+        snap = self.status(host) if self.procs.get(host) and self.procs[host].poll() is None \
+            else {}
+        if snap.get("role") == "primary":
+            return "primary"
+        if snap.get("role") == "backup":
+            return "standby" if snap.get("state") in ("standby", "joining") else "backup"
+        return None
+
+    def wait_pair(self, timeout: float = 120) -> tuple[str, str]:
+        """Until some host's primary is protected by another host's replay that has
+        caught up; returns (primary host, backup host)."""
+        def pair() -> tuple[str, str] | None:
+            roles = {h: self.role_of(h) for h in self.hosts}
+            primary = next((h for h, r in roles.items() if r == "primary"), None)
+            backup = next((h for h, r in roles.items() if r == "backup"), None)
+            if primary is None or backup is None:
+                return None
+            snap = self.status(primary)
+            if snap.get("state") not in ("protected", "lagging") or snap.get("lag_ms", 1e9) > 500:
+                return None
+            return primary, backup
+        try:
+            return wait_for(pair, timeout, "a protected pair")
+        except TimeoutError as e:
+            states = {h: self.status(h).get("state") for h in self.hosts}
+            raise TimeoutError(f"{e}: {states}") from None
+
+    def pull_plug(self, host: str) -> None:
+        """Kill `host` (links down, every process SIGKILLed), then plug it in empty."""
+        pull_the_plug(self.hosts[host])
+        self.procs.pop(host).wait(10)
+        self.hosts[host].plug_in()
+
+    def stop(self) -> None:
+        stop_processes(self.procs.values())
+        for host in self.hosts.values():
+            host.kill_all()

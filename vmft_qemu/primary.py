@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import hashlib
 import logging
 import os
@@ -27,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Coroutine
 
-from . import go_live, metrics
+from . import go_live, metrics, reprotect
 from . import log_channel as lc
 from .config import FTConfig
 from .events import Stateful, emit
@@ -132,10 +133,11 @@ class PrimaryController(Stateful):
     role = "primary"
 
     def __init__(self, config: FTConfig, image: GuestImage, host: str = "primary",
-                 resume: str | None = None) -> None:
+                 resume: str | None = None, resume_icount: int = 0) -> None:
         """`host`: which host of the config this runs on ("backup" after a
         go-live); `resume`: the snapshot to resume the guest from, which also
-        means running alone (the partner is gone)."""
+        means running alone (the partner is gone); `resume_icount`: the
+        instruction count the snapshot stands at (the new log counts on from it)."""
         self.config = config
         side = config.primary if host == "primary" else config.backup
         self.run_dir = side.run_dir
@@ -148,8 +150,16 @@ class PrimaryController(Stateful):
         self.detector = FailureDetector(config, "primary")
         self._shipping: asyncio.Task[None] | None = None
         self.paused_full = False  # the guest waits: the retained log is full
-        self.reader = ReplayLogReader()
+        self.reader = ReplayLogReader(icount=resume_icount)
         self.retained = RetainedLog()
+        self.joining = False  # keeping the log from a join point for a backup that joins
+        self._ever_connected = False  # has a backup had this primary's log?
+        self._recording = asyncio.Event()  # QEMU is running
+        self.join_stats: dict[str, Any] = {}
+        self._later: list[asyncio.Task[None]] = []  # tasks started after run() began
+        self._lag_task: asyncio.Task[None] | None = None
+        self._join_started = 0.0
+        self._log_tap: reprotect.LogTap | None = None  # the log kept while seeking a join point
         self.acked = Position()
         self.backup_replayed = Position()
         self.set_state("starting", "resuming the VM from the go-live snapshot" if resume
@@ -194,7 +204,9 @@ class PrimaryController(Stateful):
         complete = self.reader.split(data)
         if not complete:
             return
-        if not self.alone:
+        if self._log_tap is not None:
+            self._log_tap.take(start, complete)
+        if not self.alone or self.joining:
             self.retained.append(Segment(start, complete, self.reader.icount))
             self._bound_retained()
         self._icount_rate.add(self.reader.icount)
@@ -228,33 +240,51 @@ class PrimaryController(Stateful):
 
     # --- the logging channel ---------------------------------------------------
 
+    def _targets(self) -> list[tuple[str, int]]:
+        """Where to ship the log: the backup; running alone, the standby hosts
+        (and those too while no backup has come yet)."""
+        backup = (self.config.backup.address, self.config.backup.log_port)
+        if self.alone:
+            return list(self.config.protect.hosts)
+        if self._ever_connected:
+            return [backup]
+        return [backup, *(h for h in self.config.protect.hosts if h != backup)]
+
+    def _rejoining(self) -> bool:
+        """Does this primary look for a new backup when it runs alone?"""
+        return self.config.protect.auto and bool(self.config.protect.hosts)
+
     async def _ship_forever(self) -> None:
-        addr, port = self.config.backup.address, self.config.backup.log_port
         pause = self.config.channel.reconnect_ms / 1000
         while True:
-            try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(addr, port), 5)
-            except (OSError, TimeoutError):
-                await asyncio.sleep(pause)
-                continue
-            try:
-                await self._session(reader, writer)
-            except TimeoutError:
-                self._error(f"log channel to {addr}:{port}: the backup went silent")
-            except (lc.FrameError, OSError, EOFError, ChannelRefused) as e:
-                self._error(f"log channel to {addr}:{port}: {e}")
-            finally:
-                self.connected = False
-                writer.close()
-            if self.state in ("protected", "lagging"):
-                self.set_state("unprotected", self.errors[-1], logging.WARNING)
+            for addr, port in self._targets():
+                try:
+                    reader, writer = await asyncio.wait_for(asyncio.open_connection(addr, port), 5)
+                except (OSError, TimeoutError):
+                    continue
+                try:
+                    await self._session(reader, writer, (addr, port))
+                except TimeoutError:
+                    self._error(f"log channel to {addr}:{port}: the backup went silent")
+                except (lc.FrameError, OSError, EOFError, ChannelRefused,
+                        reprotect.JoinError) as e:
+                    self._error(f"log channel to {addr}:{port}: {e}")
+                finally:
+                    self.connected = False
+                    writer.close()
+                    if self.joining:
+                        self._end_join()
+                if self.state in ("protected", "lagging"):
+                    self.set_state("unprotected", self.errors[-1], logging.WARNING)
             await asyncio.sleep(pause)
 
-    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                       endpoint: tuple[str, int]) -> None:
         sender = lc.Sender(writer)
         await sender.send(lc.FrameType.HELLO, payload=lc.json_payload({
             "vm": self.config.vm.name, "log_version": REPLAY_VERSION,
-            "protocol": lc.PROTOCOL_VERSION, "pid": os.getpid()}))
+            "protocol": lc.PROTOCOL_VERSION, "pid": os.getpid(),
+            "join_epoch": self._join_epoch()}))
         order = lc.FrameOrder()
         welcome = await asyncio.wait_for(lc.read_frame(reader), 10)
         order.check(welcome)
@@ -263,22 +293,145 @@ class PrimaryController(Stateful):
         if welcome.type != lc.FrameType.ACK:
             raise lc.ProtocolMismatch(f"expected ACK after HELLO, got {welcome.type.name}")
         self._on_ack(welcome)
-        if self.alone:
-            raise ChannelRefused("this primary went on alone; a backup must be re-created")
-        if welcome.offset < self.retained.start:
+        protecting = []
+        if welcome.flags & lc.ACK_STANDBY:
+            if not self.alone:  # this primary's failure watch runs: the standby is its partner
+                self.detector.partner_at(endpoint[0])
+                self.detector.set_channel(True)
+            offset = await self._join(sender, endpoint)
+            protecting.append(self._protect_when_caught_up(sender, endpoint))
+        elif self.alone:
+            raise ChannelRefused("that host replays another generation of this VM: "
+                                 "a new backup must start as a standby (`vmft protect`)")
+        elif welcome.offset < self.retained.start:
             raise ChannelRefused(
                 f"backup has the log up to offset {welcome.offset} but the primary keeps "
                 f"it only from {self.retained.start}: the backup must be re-created")
-        self.connected = True
+        else:
+            offset = welcome.offset
+            self.set_state("protected", f"backup connected; resending from log offset {offset}")
+        self.connected = self._ever_connected = True
         self.detector.set_channel(True)
-        self.set_state("protected",
-                       f"backup connected; resending from log offset {welcome.offset}")
-        emit(log, "backup-connected", resume_offset=welcome.offset)
+        emit(log, "backup-connected", resume_offset=offset)
         try:
-            await first_failure(self._send_log(sender, welcome.offset),
-                                self._read_acks(reader, order))
+            await first_failure(self._send_log(sender, offset),
+                                self._read_acks(reader, order), *protecting)
         finally:
             self.detector.set_channel(False)
+
+    # --- re-protection: a new backup joins this primary running alone ----------
+
+    def _join_epoch(self) -> int | None:
+        """The lock epoch a standby joining now would share with this primary.
+
+        Alone, this primary holds its epoch's lock: the new pair is the next
+        generation.  Never yet acknowledged by a backup, this primary still
+        waits for its first one, which may as well come as a standby.  A
+        primary that has had a backup must first settle that backup's failure
+        (win the lock) before it takes another."""
+        if self.alone:
+            return self.config.lock.epoch + 1
+        if self._ever_connected:
+            return None
+        return self.config.lock.epoch
+
+    async def _join(self, sender: lc.Sender, endpoint: tuple[str, int]) -> int:
+        """Take the join point and ship the state (`reprotect`); returns the log
+        offset the new backup's replay starts from."""
+        epoch = self._join_epoch()
+        if epoch is None:
+            raise ChannelRefused("the backup is a standby, but this primary has had a "
+                                 "backup in this lock epoch: not joining it")
+        self.set_state("joining", f"a new backup at {endpoint[0]}:{endpoint[1]} joins "
+                       f"(lock epoch {epoch})")
+        await self._recording.wait()
+        started = self._join_started = time.monotonic()
+        beat = self.config.channel.heartbeat_ms / 1000
+        point = await reprotect.with_heartbeats(sender, reprotect.take_join_point(
+            await self.machine.qmp(), self.reader, self._start_log_tap, self._retain_from,
+            settle=max(0.02, 5 * self.config.primary.log_flush_us / 1e6)), beat)
+        paths = self.machine.paths
+        files = await reprotect.with_heartbeats(sender, asyncio.to_thread(
+            reprotect.state_files, paths.snapshots, paths.disk if self.machine.spec.disk else None,
+            self.run_dir / "join-disk.qcow2"), beat)
+        self.join_stats = {"endpoint": f"{endpoint[0]}:{endpoint[1]}", "epoch": epoch,
+                           **point.json(), "state_bytes": sum(f.size for f in files),
+                           "sent_bytes": 0}
+
+        def progress(sent: int, total: int) -> None:
+            self.join_stats["sent_bytes"] = sent
+            self.detector.heard()  # the standby takes the state: it is there
+
+        await reprotect.ship_state(sender, point, epoch, files, progress)
+        self.join_stats["state_s"] = round(time.monotonic() - started, 3)
+        emit(log, "join-state-sent", **self.join_stats)
+        self._later.append(self._task(reprotect.forget_join_snapshot(self.machine.qmp),
+                                      "forgetting the join snapshot"))
+        self.acked = Position(point.offset, point.icount)
+        return point.offset
+
+    def _start_log_tap(self) -> reprotect.LogTap:
+        self._log_tap = reprotect.LogTap(self.reader.offset, self.reader.icount)
+        return self._log_tap
+
+    def _retain_from(self, offset: int, since: bytes) -> None:
+        self._log_tap = None
+        self.retained = RetainedLog()
+        self.retained.start = offset
+        if since:
+            self.retained.append(Segment(offset, since, self.reader.icount))
+        self.joining = True
+        # The new backup's replay numbers its guest's frames from the join
+        # point on: so do the digests (frames still held came before it).
+        self._digests.clear()
+        self._released = -(self.gate.held + len(self._unstamped)) if self.gate else 0
+
+    def _end_join(self) -> None:
+        self.joining, self._log_tap = False, None
+        self.retained = RetainedLog()
+        self.retained.start = self.reader.offset
+        if self.state == "joining":
+            self.set_state("alone", "the join was cut short", logging.WARNING)
+
+    async def _protect_when_caught_up(self, sender: lc.Sender, endpoint: tuple[str, int]) -> None:
+        """Once the new backup has the log up to now: hold output for its ACKs
+        again, tell it up to where this primary released output alone, and
+        run as a pair of the next lock epoch."""
+        target = self.reader.offset
+        while self.acked.offset < target:
+            self._acked_changed.clear()
+            await self._acked_changed.wait()
+        if self.gate is not None:
+            self.gate.shut()
+        released_to = (await (await self.machine.qmp()).execute("query-replay"))["icount"]
+        await sender.send(lc.FrameType.PROTECT, self.reader.offset, released_to)
+        addr, port = endpoint
+        self.config = dataclasses.replace(
+            self.config, backup=dataclasses.replace(self.config.backup, address=addr, log_port=port),
+            lock=dataclasses.replace(self.config.lock, epoch=self.join_stats["epoch"]))
+        if self.alone:  # the new pair needs its own failure detector and watch
+            self.detector.close()
+            self.detector = FailureDetector(self.config, "primary")
+            self._later.append(self._task(self._watch_new_backup(), "failure watch"))
+        self.alone, self.joining = False, False
+        self._start_lag_control()
+        self.join_stats["protected_s"] = round(time.monotonic() - self._join_started, 3)
+        self.join_stats["log_bytes"] = self.reader.offset - self.join_stats["offset"]
+        self.set_state("protected", f"the new backup at {addr}:{port} has the log: output waits "
+                       f"for its ACKs again (lock epoch {self.config.lock.epoch})")
+        emit(log, "protected-again", released_to=released_to, **self.join_stats)
+        await asyncio.Future()  # stay with the session's other tasks
+
+    def _start_lag_control(self) -> None:
+        if self.throttle is not None and self._lag_task is None:
+            self._lag_task = self._task(self.lag_control.run(
+                self.throttle, self.lag_ms, lambda: self.connected), "lag control")
+            self._later.append(self._lag_task)
+
+    async def _watch_new_backup(self) -> None:
+        await self.detector.start()
+        self.detector.set_channel(self.connected)
+        await self._watch_backup()
 
     async def _send_log(self, sender: lc.Sender, offset: int) -> None:
         heartbeat = self.config.channel.heartbeat_ms / 1000
@@ -486,6 +639,9 @@ class PrimaryController(Stateful):
         if self.gate is not None:
             self.gate.open()
         emit(log, "going-alone", logging.WARNING, reason=reason, icount=self.reader.icount)
+        if self._rejoining():
+            self._shipping = self._task(self._ship_forever(), "re-protection")
+            self._later.append(self._shipping)
 
     async def run(self) -> int:
         """Run until the guest shuts down; returns the exit status for the CLI:
@@ -504,6 +660,9 @@ class PrimaryController(Stateful):
                 self.set_state("alone", "live on this host, from the go-live snapshot")
                 if self.gate is not None:
                     self.gate.open()
+                if self._rejoining():
+                    self._shipping = self._task(self._ship_forever(), "re-protection")
+                    background.append(self._shipping)
             else:
                 await self.detector.start()
                 self._shipping = self._task(self._ship_forever(), "log shipping")
@@ -517,11 +676,11 @@ class PrimaryController(Stateful):
             if self.gate is not None:
                 background.append(self._task(self._stamp_forever(), "output stamping"))
             emit(log, "recording", qemu_pid=self.machine.pid, resumed=self.machine.loadvm)
+            self._recording.set()
             if self.state == "starting":
                 self.set_state("unprotected", "recording; no backup connected yet")
-            if self.throttle is not None and not self.alone:
-                background.append(self._task(self.lag_control.run(
-                    self.throttle, self.lag_ms, lambda: self.connected), "lag control"))
+            if not self.alone:
+                self._start_lag_control()
             code = await self.machine.wait()
             self._on_record_readable(fd)  # whatever QEMU wrote last
             emit(log, "qemu-exited", code=code, shutdown_cause=self.shutdown_cause,
@@ -539,9 +698,9 @@ class PrimaryController(Stateful):
             emit(log, "shutdown-complete", backup_has_all=delivered)
             return 0
         finally:
-            for task in background:
+            for task in background + self._later:
                 task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await asyncio.gather(*background, *self._later, return_exceptions=True)
             self.detector.close()
             for port in self._ports:
                 port.close()
