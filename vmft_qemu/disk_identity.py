@@ -17,7 +17,10 @@ each computes its digest and only the digests travel.
 When to compare: a replica is behind its primary, so two live copies differ
 by the writes in between.  Compare after both QEMUs have stopped (a clean
 shutdown replays to the same end), or compare the snapshot a replay was
-frozen at (go-live's) with the primary's copy as of the same point.
+frozen at (go-live's) with the primary's copy as of the same point.  A copy
+a running QEMU has open shows the guest's writes up to its last flush: qcow2
+keeps the metadata of newly allocated clusters in memory until then, so the
+file reads as a power cut would leave it.
 """
 
 from __future__ import annotations
