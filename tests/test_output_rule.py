@@ -22,7 +22,7 @@ pytestmark = pytest.mark.qemu
 
 # Failure detection that never fires during a test (its own tests are elsewhere).
 PATIENT = "timeout_ms = 600000\nchannel_grace_ms = 600000\n"
-FT_PAGE = Path(__file__).resolve().parent.parent / "images" / "initramfs" / "www" / "ft.html"
+FT_PAGE = Path(__file__).resolve().parent.parent / "images" / "rootfs" / "www" / "ft.html"
 
 
 @pytest.fixture

@@ -187,34 +187,38 @@ def _ago(since: float | None) -> str:
 def _row(snap: dict[str, Any]) -> list[str | Text]:
     state = Text(snap.get("state", "?"), style=STATE_STYLE.get(snap.get("state", ""), "bold red"))
     if not answering(snap):
-        return [snap.get("vm", "?"), snap.get("role", "?"), "-", state] + ["-"] * 8
+        return [snap.get("vm", "?"), snap.get("role", "?"), "-", state] + ["-"] * 9
     primary = snap["role"] == "primary"
     gate, partner = snap.get("gate") or {}, snap.get("partner") or {}
     icount = snap["recorded"]["icount"] if primary else snap["replayed"]["icount"]
     if not primary:
-        lag = f"{_num(snap['backlog_bytes'])} B to replay"
+        lag = f"{snap['backlog_bytes'] / 1024:,.0f} KiB"  # received, not yet replayed
     else:
-        lag = "-" if snap["alone"] else f"{snap['lag_ms']:,.0f} ms ({snap['lag_insns']:,} insns)"
+        lag = "-" if snap["alone"] else f"{snap['lag_ms']:,.0f} ms"
     return [
         snap["vm"], snap["role"], snap.get("host", "-"), state, _ago(snap.get("state_since")),
-        f"{icount:,}", lag,
+        f"{icount / 1e6:,.0f}", lag,
         _num(snap["log_bytes_per_s"] / 1024) if primary else "-",
         _num(snap.get("ack_delay_ms")) if primary else "-",
-        f"{gate['held']} / {gate['released']} / {gate['last_hold_ms']:.1f}" if gate else "-",
-        f"{partner['last_heard_ms']:.0f} ms" if partner else "-",
+        f"{gate['held']}/{gate['released']}" if gate else "-",
+        f"{gate['last_hold_ms']:.1f}" if gate else "-",
+        f"{partner['last_heard_ms']:.0f}" if partner else "-",
         f"{snap['throttle_share']:.0%}" if primary else "-",
     ]
 
 
 def table(snapshots: list[dict[str, Any]], title: str | None = None) -> Table:
     """One row per controller, from snapshots gathered here or anywhere else."""
-    t = Table(title=title, title_justify="left", header_style="bold")
-    for name, justify in (("VM", "left"), ("role", "left"), ("host", "left"), ("state", "left"),
-                          ("for", "right"), ("icount", "right"), ("lag", "right"),
-                          ("log KiB/s", "right"), ("ACK ms", "right"),
-                          ("gate held/out/last ms", "right"), ("partner heard", "right"),
-                          ("throttle", "right")):
-        t.add_column(name, justify=justify)  # type: ignore[arg-type]
+    t = Table(title=title, title_justify="left", header_style="bold underline", box=None,
+              pad_edge=False, padding=(0, 0, 0, 1), caption_justify="left",
+              caption="Minsn: icount in millions; lag: the primary's, in its guest clock (a "
+                      "backup: log received, not yet replayed); log: KiB/s; ACK: delay in ms; "
+                      "gate: frames held/released, the last one's hold in ms; heard: ms since "
+                      "the partner was; thr: share of time lag control slows the primary")
+    for name in ("VM", "role", "host", "state", "for", "Minsn", "lag", "log", "ACK", "gate",
+                 "hold", "heard", "thr"):
+        t.add_column(name, justify="left" if name in ("VM", "role", "host", "state") else "right",
+                     no_wrap=True)
     for snap in sorted(snapshots, key=lambda s: (s.get("vm", ""), s.get("role", ""))):
         t.add_row(*_row(snap))
     return t
