@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from vmft_qemu import test_and_set as tas
+from vmft_qemu import disk_identity
 from vmft_qemu.events import read_jsonl
+from vmft_qemu import test_and_set as tas
+from vmft_qemu.go_live import SNAPSHOT
+from vmft_qemu.machine import MachinePaths
 from vmft_qemu.nfs_server import NfsServer
 from vmft_qemu.pair import LocalPair, lan_with_storage, pull_the_plug, wait_for
 from vmft_qemu.report import write_report
@@ -28,6 +33,7 @@ from .test_report import plotted
 pytestmark = pytest.mark.qemu
 
 INCREMENTS = 300
+COUNTER_FILE = "/var/lib/vmft/counter"  # on the guest's root disk
 
 
 @pytest.fixture
@@ -44,6 +50,18 @@ def ft_lan(tmp_path: Path, image) -> Iterator[tuple[LocalPair, NfsServer]]:
 
 def lock_files(nfs: NfsServer) -> list[str]:
     return sorted(p.name for p in nfs.export_dir.iterdir())
+
+
+def counter_on_disk(pair: LocalPair, role: str, snapshot: str | None = None) -> int | None:
+    """The counter in `role`'s disk copy (None while a running QEMU has it mid-write).
+
+    A running QEMU keeps qcow2 metadata of new clusters in memory until the
+    guest's next flush, so only a stopped QEMU's copy is sure to show its last write."""
+    try:
+        return int(disk_identity.guest_file(MachinePaths(pair.run_dir(role)).disk,
+                                            COUNTER_FILE, snapshot))
+    except (disk_identity.DiskReadError, ValueError):
+        return None
 
 
 def check_increments(result: dict[str, Any], counted_after: int) -> None:
@@ -83,7 +101,8 @@ def test_pull_the_plug_on_the_primary_at_random_moments(tmp_path: Path, image) -
                 result = json.loads(out)
                 print(f"round {round_}: live {took:.2f} s after the kill, reconnects "
                       f"{result['reconnects']}, max latency {max(result['latency_ms']):.0f} ms")
-                check_increments(result, lan.counted())
+                counted = lan.counted()
+                check_increments(result, counted)
                 assert backup["role"] == "primary" and backup["alone"]
                 holder = tas.LockOwner.loads(
                     (nfs.export_dir / tas.lock_name(lan.name, 1)).read_bytes())
@@ -96,8 +115,37 @@ def test_pull_the_plug_on_the_primary_at_random_moments(tmp_path: Path, image) -
                 wait_for(lambda: sum(line.startswith("tick ") for line in
                                      lan.console("backup")) >= ticks + 2, 30,
                          "the guest to keep ticking after the takeover")
+                # The count lives on the root disk the new primary runs on.
+                lan.stop()
+                assert counter_on_disk(lan, "backup") == counted
             finally:
                 lan.stop()
+
+
+def test_the_new_primary_runs_on_the_disk_the_primary_wrote(ft_lan) -> None:
+    """Non-shared disks: the backup's replay made every write the primary's guest
+    made to its own copy, so the copy it goes live on is the one the primary had."""
+    pair, nfs = ft_lan
+    out, _ = pair.client("counter", "--count", "50").communicate(timeout=300)
+    assert json.loads(out)["answers"] == list(range(1, 51))
+    # The guest is quiet on disk now; the plug is pulled once the backup's replay
+    # has written the last increment to its copy too.
+    wait_for(lambda: counter_on_disk(pair, "backup") == 50, 60,
+             "the backup's replay to write the last increment", every=0.5)
+    pull_the_plug(pair.hosts["primary"])
+    wait_for(lambda: pair.status("backup").get("state") == "alone", 60, "the backup to go live")
+    # The old primary's copy (its QEMU is dead) and the new primary's copy as of
+    # the moment its replay stopped hold the same guest-visible blocks.
+    compared = subprocess.run([sys.executable, "-m", "vmft_qemu", "disk", "compare", "--config",
+                               str(pair.config("backup")), "--snapshot", f"backup={SNAPSHOT}"],
+                              capture_output=True, text=True, timeout=60)
+    assert compared.returncode == 0, compared.stdout + compared.stderr
+    # The guest runs on from that disk and keeps writing to it.
+    out, _ = pair.client("counter", "--count", "1", "--retries", "3").communicate(timeout=120)
+    assert json.loads(out)["answers"] == [51]
+    pair.stop()
+    assert counter_on_disk(pair, "backup") == 51
+    assert counter_on_disk(pair, "backup", SNAPSHOT) == 50
 
 
 def check_takeover_story(pair: LocalPair, with_report: bool) -> None:
