@@ -212,3 +212,22 @@ def test_status_command_without_controllers_says_so(tmp_path: Path) -> None:
     as_json = subprocess.run([sys.executable, "-m", "vmft_qemu", "status", "--json", "--scan",
                               str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert json.loads(as_json.stdout) == []
+
+
+def test_samples_are_bounded_in_two_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics, "SAMPLE_PERIOD_S", 0)
+    taken = []
+
+    def sampled(snap: dict[str, Any]) -> None:
+        taken.append(snap)
+        if len(taken) == 100:
+            raise InterruptedError  # enough: end the recorder
+
+    with pytest.raises(InterruptedError):
+        asyncio.run(metrics.record(tmp_path, primary_snapshot, sampled, max_bytes=20_000))
+    newer = events.read_jsonl(tmp_path / metrics.SAMPLES_NAME)
+    older = events.read_jsonl(tmp_path / metrics.OLDER_SAMPLES_NAME)
+    assert (tmp_path / metrics.SAMPLES_NAME).stat().st_size < 20_000
+    assert (tmp_path / metrics.OLDER_SAMPLES_NAME).stat().st_size < 21_000
+    assert 0 < len(newer) and 0 < len(older) and len(older) + len(newer) < 99
+    assert [s["time"] for s in older + newer] == sorted(s["time"] for s in older + newer)

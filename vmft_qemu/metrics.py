@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 SAMPLE_PERIOD_S = 0.5
 SAMPLES_NAME = "metrics.jsonl"
+OLDER_SAMPLES_NAME = "metrics.1.jsonl"  # the samples before, once SAMPLES_NAME was full
+SAMPLES_MAX_BYTES = 32 << 20  # ~1 KiB a sample: 4 to 8 hours kept, in two files
 UNSAMPLED = ("errors",)  # in the status, not worth repeating twice a second
 
 Snapshot = Callable[[], dict[str, Any]]
@@ -154,10 +156,15 @@ async def serve(port: int, snapshot: Snapshot, host: str = "0.0.0.0") -> asyncio
     return await asyncio.start_server(answer, host, port)
 
 
-async def record(path: Path, snapshot: Snapshot,
-                 on_sample: Callable[[dict[str, Any]], None] | None = None) -> None:
-    """Append a sample of the snapshot to `path` every SAMPLE_PERIOD_S, forever."""
-    with open(path, "a", buffering=1) as out:
+async def record(run_dir: Path, snapshot: Snapshot,
+                 on_sample: Callable[[dict[str, Any]], None] | None = None,
+                 max_bytes: int = SAMPLES_MAX_BYTES) -> None:
+    """Append a sample of the snapshot to RUN_DIR/metrics.jsonl every
+    SAMPLE_PERIOD_S, forever.  A full file becomes metrics.1.jsonl (the one
+    before is dropped): run dirs may be on tmpfs."""
+    path = run_dir / SAMPLES_NAME
+    out = open(path, "a", buffering=1)
+    try:
         while True:
             snap = snapshot()
             if on_sample is not None:
@@ -165,7 +172,13 @@ async def record(path: Path, snapshot: Snapshot,
             sample = {"time": round(time.time(), 3),
                       **{k: v for k, v in snap.items() if k not in UNSAMPLED}}
             out.write(json.dumps(sample, default=str) + "\n")
+            if out.tell() >= max_bytes:
+                out.close()
+                path.replace(run_dir / OLDER_SAMPLES_NAME)
+                out = open(path, "a", buffering=1)
             await asyncio.sleep(SAMPLE_PERIOD_S)
+    finally:
+        out.close()
 
 
 @dataclass
@@ -186,7 +199,7 @@ async def publish(run_dir: Path, metrics_port: int, snapshot: Snapshot,
     servers = [await status.serve(run_dir / status.SOCKET_NAME, snapshot)]
     if metrics_port:
         servers.append(await serve(metrics_port, snapshot))
-    recorder = asyncio.create_task(record(run_dir / SAMPLES_NAME, snapshot, on_sample),
+    recorder = asyncio.create_task(record(run_dir, snapshot, on_sample),
                                    name="metrics samples")
 
     def stopped(task: asyncio.Task[None]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from .events import read_jsonl
-from .metrics import SAMPLES_NAME
+from .metrics import OLDER_SAMPLES_NAME, SAMPLES_NAME
 
 EVENTS_NAME, GATE_NAME = "events.jsonl", "gate.jsonl"
 # State changes worth a line across every plot: (style, colour).
@@ -73,7 +73,8 @@ def load(rundir: Path) -> list[RunDir]:
         raise NoRunData(f"{rundir}: no {SAMPLES_NAME} or {EVENTS_NAME} in it or two levels "
                         "below: not a run dir of a vmft controller")
     return [RunDir(str(d.relative_to(rundir)) if d != rundir else d.name,
-                   _jsonl(d / SAMPLES_NAME), _jsonl(d / EVENTS_NAME), _jsonl(d / GATE_NAME))
+                   _jsonl(d / OLDER_SAMPLES_NAME) + _jsonl(d / SAMPLES_NAME),
+                   _jsonl(d / EVENTS_NAME), _jsonl(d / GATE_NAME))
             for d in found]
 
 

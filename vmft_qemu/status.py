@@ -174,6 +174,7 @@ def answering(snapshot: dict[str, Any]) -> bool:
 STATE_STYLE = {"protected": "bold green", "alone": "bold cyan", "replaying": "green",
                "lagging": "bold yellow", "unprotected": "yellow", "starting": "yellow",
                "waiting-for-primary": "yellow", "going-live": "bold magenta",
+               "standby": "yellow", "joining": "bold magenta",
                "shut-down": "dim", "shutting-down": "dim"}
 
 
