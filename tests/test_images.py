@@ -204,6 +204,7 @@ def test_boots_and_ticks(boot: Callable[..., Guest]) -> None:
     assert [int(m[1]) for m in ticks] == [1, 2, 3]
     assert len({m[3] for m in ticks}) == 3, "rnd comes from /dev/urandom"
     assert float(ticks[0][2]) < float(ticks[2][2])
+    assert not re.search(r"not found|failed", vm.output), "every boot step worked"
 
 
 @pytest.mark.qemu
