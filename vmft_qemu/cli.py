@@ -12,6 +12,7 @@
     vmft demo                         a guest under FT on netns hosts; its primary's host dies
     vmft cluster show|start|stop|pull-plug ...   FT VMs on several hosts, over SSH
     vmft agent serve                  the host agent `vmft cluster` talks to
+    vmft libvirt xml --config F --role R   a side's QEMU as a libvirt domain (virsh create)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import agent, cluster
+from . import agent, cluster, libvirt_domain
 from . import config as cfg
 from . import disk_identity
 from . import status as st
@@ -398,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     agent.add_cli(sub)
     cluster.add_cli(sub)
+    libvirt_domain.add_cli(sub)
     return parser
 
 
