@@ -365,8 +365,6 @@ class PrimaryController(Stateful):
         await reprotect.ship_state(sender, point, epoch, files, progress)
         self.join_stats["state_s"] = round(time.monotonic() - started, 3)
         emit(log, "join-state-sent", **self.join_stats)
-        self._later.append(self._task(reprotect.forget_join_snapshot(self.machine.qmp),
-                                      "forgetting the join snapshot"))
         self.acked = Position(point.offset, point.icount)
         return point.offset
 

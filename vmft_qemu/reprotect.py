@@ -15,7 +15,10 @@ on from exactly that point.  Here:
 2. `savevm vmft-join` writes an internal snapshot into every qcow2 the VM has
    (the VM state into the snapshot drive, the disk's blocks into the disk),
    and the guest runs on (`cont`).  Everything the recording logs from then on
-   is kept for the new backup.
+   is kept for the new backup.  The snapshot stays until the next join's
+   `savevm` replaces it (with the guest stopped): `delvm` on the running
+   recording froze it once (its disk drain waited for a completion only the
+   running vCPU would have logged).
 3. With the guest running, the state is shipped over the log channel
    (`ship_state`): the snapshot drive file as it is (nothing writes to it
    after `savevm`), and the disk as of the snapshot, read from the running
@@ -327,10 +330,3 @@ class StateReceiver:
     def close(self) -> None:
         for out in self._out:
             out.close()
-
-
-async def forget_join_snapshot(qmp_of: Callable[[], Awaitable[QMPClient]]) -> None:
-    """The primary no longer needs the join snapshot once it is shipped."""
-    qmp = await qmp_of()
-    await qmp.execute("human-monitor-command", {"command-line": f"delvm {JOIN_SNAPSHOT}"})
-
