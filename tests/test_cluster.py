@@ -4,9 +4,10 @@ The integration test builds three netns hosts, each with a real sshd (keys made
 for the test; the client checks the hosts' keys against a known_hosts file),
 starts each host's agent over SSH, and from the client's namespace (the
 operator's workstation on the LAN) runs `vmft cluster`: start a VM under FT
-on two of the hosts, pull the plug on the primary's host, see the backup take
-over.  The unit tests check the inventory, the placement and the agent's
-protocol on a local socket.
+on two of the hosts with a standby on the third, pull the plug on the
+primary's host, see the backup take over and the VM join the standby as its
+new backup.  The unit tests check the inventory, the placement and the
+agent's protocol on a local socket.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psutil
 import pytest
@@ -51,13 +52,21 @@ def test_the_example_inventory_loads_and_makes_a_valid_pair_config(tmp_path: Pat
     out = subprocess.run([VMFT, "cluster", "example"], capture_output=True, text=True, check=True)
     raw = tomllib.loads(out.stdout)
     raw["hosts"]["b"] = {"address": "192.168.77.202", "ft_address": "10.77.0.2"}
+    raw["hosts"]["c"] = {"address": "192.168.77.203", "ft_address": "10.77.0.3"}
     inv = cl.inventory_from_dict(raw)
-    pair = cl.pair_config(inv, inv.vms["web"], inv.hosts["a"], inv.hosts["b"], epoch=7)
+    pair = cl.pair_config(inv, inv.vms["web"], inv.hosts["a"], inv.hosts["b"], epoch=7,
+                          standby=inv.hosts["c"])
     text = cl.to_toml(pair)
     assert tomllib.loads(text) == pair
     assert pair["backup"]["address"] == "10.77.0.2"      # the backup's FT address
     assert pair["primary"]["run_dir"] != pair["backup"]["run_dir"]
     assert pair["lock"]["epoch"] == 7
+    # Any host may hold the standby a VM running alone joins; the standby's is tried first.
+    assert pair["protect"]["hosts"] == ["10.77.0.3:7400", "10.77.0.1:7400", "10.77.0.2:7400"]
+    standby = cl.standby_config(pair, inv.hosts["b"], "web")
+    assert standby["backup"]["address"] == "10.77.0.2" and standby["primary"] == pair["primary"]
+    with pytest.raises(cl.ClusterError, match="its own primary's host"):
+        cl.standby_config(pair, inv.hosts["a"], "web")
 
 
 @pytest.mark.parametrize("change, message", [
@@ -96,6 +105,8 @@ def test_a_vm_running_alone_gets_its_new_backup_on_a_third_host() -> None:
               "c": {"sides": []}}
     view = cl.Cluster.vms(survey)[VM]
     assert (view.primary, view.backup, view.protected) == ("b", None, False)
+    assert ag.current_role("protect", {"role": "backup", "state": "standby"}) == "standby"
+    assert ag.current_role("backup", {"role": "primary", "state": "alone"}) == "primary"
     inv = cl.inventory_from_dict(inventory())
     assert cl.Cluster(inv).spare_for(VM, survey) == "c"
 
@@ -132,6 +143,7 @@ class Lab:
     def __init__(self, topo: Topology, nfs: NfsServer, ssh: SshHosts, root: Path) -> None:
         self.topo, self.nfs, self.ssh, self.root = topo, nfs, ssh, root
         self.agent_pids: list[int] = []
+        self.last_shown: dict[str, Any] = {}
         self.inventory = root / "cluster.toml"
         hosts = "".join(
             f'[hosts.{s}]\naddress = "{h.lan_ip}"\nft_address = "{h.ft_ip}"\ntap = "{TAP}"\n'
@@ -176,7 +188,20 @@ class Lab:
         return done
 
     def show(self) -> dict[str, Any]:
-        return json.loads(self.cluster("show", "--json").stdout)
+        self.last_shown = json.loads(self.cluster("show", "--json").stdout)
+        return self.last_shown
+
+    def wait_vm(self, condition: Callable[[dict[str, Any]], bool], timeout: float,
+                what: str) -> dict[str, Any]:
+        """Poll `vmft cluster show` until the VM's view satisfies `condition`."""
+        try:
+            return wait_for(lambda: (v := self.show()["vms"].get(VM)) and condition(v) and v,
+                            timeout, what, every=1)
+        except TimeoutError as e:
+            outputs = {str(p.relative_to(self.root)): p.read_text(errors="replace")[-1500:]
+                       for p in self.root.glob("hosts/*/state/*/*.out")}
+            raise TimeoutError(f"{e}; last shown: {self.last_shown}; outputs: {outputs}") \
+                from None
 
     def console(self, short: str) -> list[str]:
         path = self.host_dir(short) / "vms" / f"{VM}.{short}" / "console.log"
@@ -223,13 +248,12 @@ def test_cluster_runs_a_vm_on_two_hosts_and_survives_pulling_the_primary_host(la
 
     started = lab.cluster("start", VM)
     assert started.returncode == 0
-    assert "primary on a, backup on b" in started.stdout
+    assert "primary on a, backup on b, standby on c" in started.stdout
     wait_for(lambda: f"VMFT-NET-UP {GUEST_IP}" in lab.console("b"), 240,
              "the backup on b to replay the guest's network bring-up", every=1)
-    vm = wait_for(lambda: (v := lab.show()["vms"].get(VM)) and v["protected"]
-                  and (v["lag_ms"] or 1e9) < 500 and v, 120,
-                  "the pair to be protected and caught up", every=1)
-    assert (vm["primary"], vm["backup"]) == ("a", "b")
+    vm = lab.wait_vm(lambda v: v["protected"] and v["standby"] and (v["lag_ms"] or 1e9) < 500,
+                     120, "the pair to be protected and caught up, with a standby")
+    assert (vm["primary"], vm["backup"], vm["standby"]) == ("a", "b", "c")
     print(lab.cluster("show").stdout)
     # A second start of the same VM is refused: it runs already.
     again = lab.cluster("start", VM, check=False)
@@ -242,13 +266,15 @@ def test_cluster_runs_a_vm_on_two_hosts_and_survives_pulling_the_primary_host(la
     assert refused.returncode == 2 and "--yes" in refused.stderr
     assert lab.cluster("pull-plug", "a", "--yes").returncode == 0
 
-    taken_over = wait_for(lambda: (v := lab.show()["vms"].get(VM)) and v["primary"] == "b"
-                          and v["state"] == "alone" and v, 60,
-                          "the backup on b to take over", every=0.5)
-    after = lab.show()
-    assert "error" in after["hosts"]["a"]                  # the plug is pulled
-    assert taken_over["backup"] is None and not taken_over["protected"]
+    lab.wait_vm(lambda v: v["primary"] == "b", 60, "the backup on b to take over")
+    assert "error" in lab.show()["hosts"]["a"]            # the plug is pulled
+    # Re-protection: the VM, alone on b, joins the standby on c as its new backup.
+    reprotected = lab.wait_vm(lambda v: v["protected"] and v["backup"] == "c", 180,
+                              "the primary on b to be protected by c")
+    assert reprotected["primary"] == "b" and reprotected["standby"] is None
     print(lab.cluster("show").stdout)
+    lab.wait_vm(lambda v: v["protected"] and (v["lag_ms"] or 1e9) < 500, 120,
+                "the new backup on c to catch up")
     out, _ = client.communicate(timeout=180)
     result = json.loads(out)
     assert result["error"] is None, result
@@ -257,10 +283,9 @@ def test_cluster_runs_a_vm_on_two_hosts_and_survives_pulling_the_primary_host(la
     wait_for(lambda: sum(line.startswith("tick ") for line in lab.console("b")) >= ticks + 2,
              30, "the guest to keep ticking on b", every=0.5)
 
-    # Re-protection onto the third host: c is the spare; starting a backup for a
-    # running VM is `vmft protect` (issue 5), which this vmft does not have yet.
+    # No spare is left: a is down, b and c run the pair.
     protect = lab.cluster("protect", VM, check=False)
-    assert protect.returncode == 2 and "new backup on c" in protect.stderr
+    assert protect.returncode == 2 and "protected already" in protect.stderr
 
     stopped = lab.cluster("stop", VM)
     assert stopped.returncode == 0 and "shut down cleanly" in stopped.stdout, stopped

@@ -18,6 +18,8 @@ The protocol: one JSON object per line, one request per connection.
 
     {"op": "info"}                                  this host: name, vmft version, its VMs
     {"op": "start", "vm": V, "role": R, "config": TOML}   start V's controller in role R
+                                                    (primary, backup, or protect: a standby)
+    {"op": "config", "vm": V}                       the config V's running controller here has
     {"op": "stop",  "vm": V}                        SIGTERM V's controllers here
     {"op": "kill",  "vm": V}                        SIGKILL them (and their QEMUs)
     {"op": "pull-plug"}                             drill: answer, then every link but lo
@@ -56,7 +58,8 @@ log = logging.getLogger(__name__)
 
 SOCKET = Path("/run/vmft/agent.sock")
 STATE_DIR = Path("/var/lib/vmft/agent")
-ROLES = ("primary", "backup")
+# "protect": a standby (`vmft protect`) that a primary running alone joins as its new backup.
+ROLES = ("primary", "backup", "protect")
 MAX_REQUEST = 1 << 20              # bytes in one request line
 START_TIMEOUT = 30.0               # for a started controller to answer on its status socket
 PULL_DELAY = 0.3                   # s between the pull-plug answer and the links going down
@@ -106,8 +109,7 @@ class Side:
             return None
 
     def run_dir(self) -> Path:
-        config = cfg.load(self.config_path)
-        return config.primary.run_dir if self.role == "primary" else config.backup.run_dir
+        return run_dir_of(cfg.load(self.config_path), self.role)
 
     def status(self) -> dict[str, Any]:
         try:
@@ -120,10 +122,23 @@ class Side:
         snap = self.status() if proc else {}
         return {"vm": self.vm, "started_as": self.role, "running": proc is not None,
                 "pid": proc.pid if proc else None,
-                # A backup that went live runs on as the VM's primary.
-                "role": snap.get("role", self.role), "state": snap.get("state"),
+                "role": current_role(self.role, snap), "state": snap.get("state"),
                 "alone": snap.get("alone"), "lag_ms": snap.get("lag_ms"),
                 "output_tail": "" if proc else _tail(self.out_path)}
+
+
+def run_dir_of(config: cfg.FTConfig, role: str) -> Path:
+    """A standby waits, and replays once joined, as the backup of its own config."""
+    return config.primary.run_dir if role == "primary" else config.backup.run_dir
+
+
+def current_role(started_as: str, snap: dict[str, Any]) -> str:
+    """What a controller is now: a backup that went live runs on as the VM's primary,
+    a standby that was joined is its backup."""
+    role = snap.get("role", "backup" if started_as == "protect" else started_as)
+    if role == "backup" and snap.get("state") in ("standby", "joining"):
+        return "standby"
+    return role
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -200,7 +215,7 @@ class Agent:
         self._children[child.pid] = child
         side.pid_path.write_text(f"{child.pid} {psutil.Process(child.pid).create_time():.3f}\n")
         emit(log, "agent-started", vm=vm, role=role, pid=child.pid)
-        run_dir = config.primary.run_dir if role == "primary" else config.backup.run_dir
+        run_dir = run_dir_of(config, role)
         deadline = time.monotonic() + START_TIMEOUT
         while True:   # until the controller answers on its status socket
             if child.poll() is not None:
@@ -216,6 +231,12 @@ class Agent:
                                  f"{run_dir / st.SOCKET_NAME} within {START_TIMEOUT:.0f} s")
             await asyncio.sleep(0.1)
         return {"pid": child.pid, "run_dir": str(run_dir)}
+
+    def config(self, vm: str) -> dict[str, Any]:
+        for side in self.sides():
+            if side.vm == vm and side.process():
+                return {"role": side.role, "config": side.config_path.read_text()}
+        raise AgentError(f"{vm} does not run on {self.name}")
 
     def signal_vm(self, vm: str, sig: signal.Signals) -> dict[str, Any]:
         signalled = []
@@ -249,13 +270,15 @@ class Agent:
         if op == "start":
             return await self.start(_field(request, "vm"), _field(request, "role"),
                                     _field(request, "config"))
+        if op == "config":
+            return self.config(_field(request, "vm"))
         if op in ("stop", "kill"):
             return self.signal_vm(_field(request, "vm"),
                                   signal.SIGTERM if op == "stop" else signal.SIGKILL)
         if op == "pull-plug":
             asyncio.get_running_loop().call_later(PULL_DELAY, self.pull_plug)
             return {"in_s": PULL_DELAY}
-        raise AgentError(f"unknown op {op!r}: info, start, stop, kill or pull-plug")
+        raise AgentError(f"unknown op {op!r}: info, start, config, stop, kill or pull-plug")
 
 
 def _field(request: dict[str, Any], key: str) -> str:

@@ -46,9 +46,17 @@ group `ft_hosts` and this file name the same hosts):
     hosts = []                               # [] : vmft places it; ["a", "b"]: primary, backup
 
 Placement: the primary goes to the reachable host with the fewest running
-controllers, the backup to the next one (ties: inventory order).  Every start
-of a pair gets a new lock epoch (milliseconds since 1970), so a lock left on
-the share by an earlier failover never decides a later pair.
+controllers, the backup to the next one (ties: inventory order), and a
+standby (`vmft protect`) to the next one after that, if there is a third
+host.  Every start of a pair gets a new lock epoch (milliseconds since 1970),
+so a lock left on the share by an earlier failover never decides a later pair.
+
+Re-protection (the paper's "a new backup VM is started on another host"):
+the pair's config lists every host's log-channel address under
+`protect.hosts`, so when one side's host fails and the other runs the VM
+alone, it joins the standby by itself (reprotect.py) and the VM is protected
+again, now on the standby's host.  `vmft cluster protect VM` starts a new
+standby on the least-loaded spare host for a VM that has none.
 """
 
 from __future__ import annotations
@@ -73,7 +81,8 @@ from .events import emit
 
 log = logging.getLogger(__name__)
 
-STOP_TIMEOUT = 60.0            # for both sides to end after a clean stop
+STOP_TIMEOUT = 120.0           # for both sides to end after a clean stop (the backup
+                               # replays up to the shutdown first)
 CALL_TIMEOUT = 90.0            # one agent request over SSH (a start waits for the controller)
 
 
@@ -258,8 +267,12 @@ def run_dir(host: HostSpec, vm: str) -> Path:
 
 
 def pair_config(inv: Inventory, vm: VMSpec, primary: HostSpec, backup: HostSpec,
-                epoch: int) -> dict[str, Any]:
-    """The pair's configuration (what `vmft primary|backup --config` reads), checked."""
+                epoch: int, standby: HostSpec | None = None) -> dict[str, Any]:
+    """The pair's configuration (what `vmft primary|backup --config` reads), checked.
+
+    `protect.hosts` names every host, in the order a primary running alone
+    tries them: the standby's first, the pair's own last."""
+    order = sorted(inv.hosts.values(), key=lambda h: (h != standby, h in (primary, backup)))
     raw = {
         "vm": {"name": vm.name, "image_cache": str(inv.image_cache), **vm.settings},
         "primary": {"run_dir": str(run_dir(primary, vm.name)), "tap": primary.tap},
@@ -268,8 +281,21 @@ def pair_config(inv: Inventory, vm: VMSpec, primary: HostSpec, backup: HostSpec,
         "failure": {"heartbeat_port": vm.heartbeat_port},
         "lock": {**{k: str(v) if isinstance(v, Path) else v for k, v in inv.lock.items()},
                  "epoch": epoch},
+        # Where a standby may wait for this VM: on any host of the cluster.
+        "protect": {"hosts": [f"{h.ft_address}:{vm.log_port}" for h in order]},
     }
     cfg.from_dict(raw, f"{inv.source}: the pair config of {vm.name}")
+    return raw
+
+
+def standby_config(pair: dict[str, Any], host: HostSpec, vm: str) -> dict[str, Any]:
+    """The pair's config as a standby on `host` needs it: the backup is `host` itself."""
+    backup = {**pair["backup"], "run_dir": str(run_dir(host, vm)), "tap": host.tap,
+              "address": host.ft_address}
+    raw = {**pair, "backup": backup}
+    if raw["primary"]["run_dir"] == backup["run_dir"]:
+        raise ClusterError(f"{vm}: the standby cannot go on its own primary's host {host.name}")
+    cfg.from_dict(raw, f"the standby config of {vm} on {host.name}")
     return raw
 
 
@@ -361,6 +387,7 @@ class VMView:
     name: str
     primary: str | None = None           # host
     backup: str | None = None
+    standby: str | None = None           # a host waiting to become the new backup
     state: str | None = None             # the primary's controller state
     lag_ms: float | None = None
     sides: list[dict[str, Any]] = field(default_factory=list)
@@ -371,7 +398,7 @@ class VMView:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "primary": self.primary, "backup": self.backup,
-                "state": self.state, "lag_ms": self.lag_ms, "protected": self.protected,
+                "standby": self.standby, "state": self.state, "lag_ms": self.lag_ms, "protected": self.protected,
                 "sides": self.sides}
 
 
@@ -415,6 +442,8 @@ class Cluster:
                 view.sides.append({"host": host, **side})
                 if side["role"] == "primary":
                     view.primary, view.state, view.lag_ms = host, side["state"], side["lag_ms"]
+                elif side["role"] == "standby":
+                    view.standby = host
                 else:
                     view.backup = host
         return views
@@ -432,19 +461,46 @@ class Cluster:
         survey = self.survey()
         if name in self.vms(survey):
             raise ClusterError(f"{name} already runs: `vmft cluster stop {name}` first")
-        primary, backup = place(vm, reachable(survey), load(survey))
+        hosts = reachable(survey)
+        primary, backup = place(vm, hosts, load(survey))
+        spares = [h for h in least_loaded(hosts, load(survey)) if h not in (primary, backup)]
+        standby = spares[0] if spares else None
         epoch = time.time_ns() // 1_000_000
-        text = to_toml(pair_config(self.inv, vm, self.inv.hosts[primary],
-                                   self.inv.hosts[backup], epoch))
-        emit(log, "cluster-placing", vm=name, primary=primary, backup=backup, epoch=epoch)
-        self.links[backup].call({"op": "start", "vm": name, "role": "backup", "config": text})
+        pair = pair_config(self.inv, vm, self.inv.hosts[primary], self.inv.hosts[backup], epoch,
+                           self.inv.hosts[standby] if standby else None)
+        emit(log, "cluster-placing", vm=name, primary=primary, backup=backup, standby=standby,
+             epoch=epoch)
+        started = []
         try:
-            self.links[primary].call({"op": "start", "vm": name, "role": "primary",
-                                      "config": text})
+            for host, role, raw in ((backup, "backup", pair), (primary, "primary", pair)):
+                self.links[host].call({"op": "start", "vm": name, "role": role,
+                                       "config": to_toml(raw)})
+                started.append(host)
         except ClusterError:
-            self.links[backup].call({"op": "kill", "vm": name})
+            for host in started:
+                self.links[host].call({"op": "kill", "vm": name})
             raise
-        return {"vm": name, "primary": primary, "backup": backup, "epoch": epoch}
+        if standby is not None:
+            self._start_standby(name, pair, standby)
+        return {"vm": name, "primary": primary, "backup": backup, "standby": standby,
+                "epoch": epoch}
+
+    def _start_standby(self, name: str, pair: dict[str, Any], host: str) -> None:
+        config = to_toml(standby_config(pair, self.inv.hosts[host], name))
+        self.links[host].call({"op": "start", "vm": name, "role": "protect", "config": config})
+
+    def protect(self, name: str) -> dict[str, Any]:
+        """A standby on the least-loaded spare host for a VM that has none: the primary,
+        running alone, joins it as its new backup."""
+        survey = self.survey()
+        view = self.vms(survey).get(name)
+        if view is not None and view.standby is not None:
+            raise ClusterError(f"{name} has a standby already, on {view.standby}")
+        spare = self.spare_for(name, survey)
+        assert view is not None and view.primary is not None
+        pair = tomllib.loads(self.links[view.primary].call({"op": "config", "vm": name})["config"])
+        self._start_standby(name, pair, spare)
+        return {"vm": name, "primary": view.primary, "standby": spare}
 
     def stop(self, name: str, timeout: float = STOP_TIMEOUT) -> dict[str, Any]:
         """Shut the guest down on its primary (the backup replays the shutdown and ends)."""
@@ -501,11 +557,12 @@ def render(survey: dict[str, dict[str, Any]], views: dict[str, VMView]) -> str:
             running = [f"{s['vm']}:{s['role']}" for s in info["sides"] if s["running"]]
             lines.append(f"{host:<10} {'vmft ' + info['version'] + ' on ' + info['hostname']:<40} "
                          f"{', '.join(running) or '-'}")
-    lines += ["", f"{'VM':<12} {'PRIMARY':<10} {'BACKUP':<10} {'STATE':<14} LAG"]
+    lines += ["", f"{'VM':<12} {'PRIMARY':<10} {'BACKUP':<10} {'STANDBY':<10} {'STATE':<14} LAG"]
     for view in views.values():
         lag = f"{view.lag_ms:.0f} ms" if view.lag_ms is not None and view.protected else "-"
         lines.append(f"{view.name:<12} {view.primary or '-':<10} "
-                     f"{view.backup or 'NONE':<10} {view.state or '?':<14} {lag}"
+                     f"{view.backup or 'NONE':<10} {view.standby or '-':<10} "
+                     f"{view.state or '?':<14} {lag}"
                      f"{'' if view.protected else '   UNPROTECTED'}")
     return "\n".join(lines)
 
@@ -542,8 +599,9 @@ def _cluster_action(cluster: Cluster, args: Any) -> int:
                            f"{'HOST' if args.action == 'pull-plug' else 'VM'}")
     if args.action == "start":
         placed = cluster.start(args.target)
-        print(f"{placed['vm']}: primary on {placed['primary']}, backup on {placed['backup']} "
-              f"(lock epoch {placed['epoch']})")
+        standby = f", standby on {placed['standby']}" if placed["standby"] else ", no standby"
+        print(f"{placed['vm']}: primary on {placed['primary']}, backup on {placed['backup']}"
+              f"{standby} (lock epoch {placed['epoch']})")
     elif args.action == "stop":
         stopped = cluster.stop(args.target)
         print(f"{args.target}: " + ("shut down cleanly" if stopped["clean"] else
@@ -556,10 +614,9 @@ def _cluster_action(cluster: Cluster, args: Any) -> int:
         cluster.pull_plug(args.target)
         print(f"{args.target}: plug pulled")
     elif args.action == "protect":
-        spare = cluster.spare_for(args.target, cluster.survey())
-        raise ClusterError(f"{args.target} would get its new backup on {spare}, but this vmft "
-                           "cannot start a backup for a running VM yet (`vmft protect`, "
-                           "issue 5)")
+        placed = cluster.protect(args.target)
+        print(f"{args.target}: standby started on {placed['standby']}; the primary on "
+              f"{placed['primary']} joins it as its new backup")
     return 0
 
 
@@ -577,8 +634,8 @@ def add_cli(sub: Any) -> None:
                "and start the backup, then the primary;  stop VM: shut the guest down on "
                "its primary (the backup replays the shutdown);  pull-plug HOST --yes: a "
                "failover drill, the host takes every link down and its VMs die, the backups "
-               "elsewhere take over;  protect VM: a new backup for a VM running alone "
-               "(needs `vmft protect`);  example: print an annotated inventory.  "
+               "elsewhere take over and join the standby;  protect VM: a standby on a spare "
+               "host for a VM that runs alone without one;  example: print an annotated inventory.  "
                "A typical drill: `vmft cluster start web; vmft cluster show; "
                "vmft cluster pull-plug a --yes; vmft cluster show`.")
     p.add_argument("action", choices=["show", "start", "stop", "pull-plug",
