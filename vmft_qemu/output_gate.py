@@ -41,6 +41,7 @@ class HeldFrame:
     data: bytes
     stamp: int  # icount at or after the instruction that produced the frame
     held_at: float  # time.monotonic() when the guest's frame reached the gate
+    stamped_at: float  # time.monotonic() when it got its stamp
 
 
 class OutputGate:
@@ -65,7 +66,7 @@ class OutputGate:
         if self._held and stamp < self._held[-1].stamp and not self.is_open:
             raise ValueError(f"stamp {stamp} is older than the last held frame's")
         self._seq += 1
-        self._held.append(HeldFrame(self._seq, data, stamp, held_at))
+        self._held.append(HeldFrame(self._seq, data, stamp, held_at, time.monotonic()))
         self._drain()
 
     def acknowledged(self, icount: int) -> None:
@@ -97,7 +98,8 @@ class OutputGate:
                     "time": round(time.time(), 6),
                     "seq": frame.seq, "stamp": frame.stamp, "acked": self.acked,
                     "open": self.is_open,
-                    "bytes": len(frame.data), "hold_ms": round(self.last_hold_ms, 3)}) + "\n")
+                    "bytes": len(frame.data), "hold_ms": round(self.last_hold_ms, 3),
+                    "stamp_ms": round((frame.stamped_at - frame.held_at) * 1000, 3)}) + "\n")
 
     def close(self) -> None:
         if self._audit:
