@@ -111,27 +111,18 @@ def test_a_damaged_state_file_is_refused(tmp_path: Path) -> None:
             {"epoch": 2, "files": [{"name": "../x", "size": 1, "sha256": ""}]})))
 
 
-def test_the_join_point_is_the_start_of_a_main_loop_clock_group() -> None:
+def test_the_join_point_is_where_the_stopped_clock_groups_end() -> None:
     def clock(kind: int, value: int) -> bytes:
         return bytes([kind]) + value.to_bytes(8, "big")
 
-    group = (bytes([reprotect.CHECKPOINT_CLOCK_HOST]) + clock(28, 5)
-             + bytes([reprotect.CHECKPOINT_CLOCK_VIRTUAL_RT]) + clock(CLOCK_VIRTUAL_RT, 7))
-    tail_of_last = clock(28, 4) + clock(CLOCK_VIRTUAL_RT, 6)  # the tap starts mid-group
+    stopped = bytes([reprotect.CHECKPOINT_CLOCK_HOST]) + clock(28, 5) + clock(28, 6)
+    resumed = bytes([reprotect.CHECKPOINT_FIRST + 1]) + bytes([INSTRUCTION]) + (7).to_bytes(4, "big")
     tap = reprotect.LogTap(1000, 42)
-    tap.take(1000, tail_of_last)
-    assert tap.group_start() is None
-    tap.take(1000 + len(tail_of_last), group + group)
-    start = 1000 + len(tail_of_last)
-    assert tap.group_start() == start
-    assert tap.since(start) == group + group
-    # Without host-clock timers a group starts at the virtual RT checkpoint.
-    vrt_only = bytes([reprotect.CHECKPOINT_CLOCK_VIRTUAL_RT]) + clock(CLOCK_VIRTUAL_RT, 7)
-    tap = reprotect.LogTap(0, 0)
-    tap.take(0, clock(CLOCK_VIRTUAL_RT, 1) + vrt_only)
-    assert tap.group_start() is None  # one is not yet a pattern
-    tap.take(9 + len(vrt_only), vrt_only)
-    assert tap.group_start() == 9
+    tap.take(1000, stopped + stopped)
+    assert tap.resumed_at() is None  # still stopped
+    tap.take(1000 + 2 * len(stopped), resumed)
+    assert tap.resumed_at() == 1000 + 2 * len(stopped)
+    assert tap.since(tap.resumed_at()) == resumed
 
 
 def test_the_replay_reads_the_placeholder_before_the_snapshot_is_loaded() -> None:

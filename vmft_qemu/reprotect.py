@@ -10,8 +10,10 @@ on from exactly that point.  Here:
    log flushes more (so nothing the running guest logged is still on its
    way).  A stopped recording logs nothing but its main loop's timer clock
    groups, at that same icount (QEMU logs device events only while the VM
-   runs); the start of the next group is the *join point*
-   (`take_join_point`, `LogTap`).
+   runs).  The *join point* is the first event after them, once the guest
+   runs again (`take_join_point`, `LogTap`): a replay started inside them,
+   with vmft's full guest, stood still there (QMP answering, one stdio
+   buffer of log read; likely waiting for a host-clock timer it lacks).
 2. `savevm vmft-join` writes an internal snapshot into every qcow2 the VM has
    (the VM state into the snapshot drive, the disk's blocks into the disk),
    and the guest runs on (`cont`).  Everything the recording logs from then on
@@ -55,7 +57,8 @@ from qemu.qmp import QMPClient
 
 from . import log_channel as lc
 from .events import emit
-from .replay_log import AUDIO_OUT, CHECKPOINT_FIRST, Event, ReplayLogReader, version_bytes
+from .replay_log import (AUDIO_OUT, CHECKPOINT_FIRST, CLOCK_FIRST, CLOCK_LAST, Event,
+                         ReplayLogReader, version_bytes)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,9 +67,12 @@ JOIN_SNAPSHOT = "vmft-join"
 # The event kind the replaying QEMU reads (and drops) before loading the
 # snapshot: one no device of ours consumes while QEMU sets itself up.
 PLACEHOLDER_KIND = AUDIO_OUT
-# Where a main-loop iteration's clock group starts (QEMU's ReplayCheckpoint).
+# The checkpoints of a main-loop iteration's clock group (QEMU's ReplayCheckpoint).
 CHECKPOINT_CLOCK_HOST = CHECKPOINT_FIRST + 5
 CHECKPOINT_CLOCK_VIRTUAL_RT = CHECKPOINT_FIRST + 6
+# What a stopped recording logs: its main loop's timer clock groups.
+STOPPED_KINDS = frozenset({CHECKPOINT_CLOCK_HOST, CHECKPOINT_CLOCK_VIRTUAL_RT,
+                           CLOCK_FIRST, CLOCK_LAST})
 STATE_CHUNK = 1 << 20
 POLL = 0.001
 
@@ -111,10 +117,10 @@ async def _log_reaches(reader: ReplayLogReader, icount: int, timeout: float) -> 
 class LogTap:
     """The primary's log from a moment on, kept while the join point is sought.
 
-    Every main-loop iteration of a stopped recording logs its timers' clock
-    group: CHECKPOINT_CLOCK_HOST (when host-clock timers are armed), then
-    CHECKPOINT_CLOCK_VIRTUAL_RT, each with its clock reads (QEMU runs the
-    clocks' timers in that order).  The join point is the start of one."""
+    While the guest is stopped, the recording logs only its main loop's timer
+    clock groups (CHECKPOINT_CLOCK_HOST / _VIRTUAL_RT when such timers are
+    armed, and clock reads).  The join point is the first event after them:
+    where the recording goes on once the guest runs again."""
 
     def __init__(self, offset: int, icount: int) -> None:
         self._reader = ReplayLogReader(offset, icount)
@@ -129,15 +135,10 @@ class LogTap:
         self._reader.split(data, whole=True, events=self._events)
         self._data += data
 
-    def group_start(self) -> int | None:
-        """Offset of the first main-loop clock group that starts in the tapped log."""
-        starts = {kind: [e.offset for e in self._events if e.kind == kind]
-                  for kind in (CHECKPOINT_CLOCK_HOST, CHECKPOINT_CLOCK_VIRTUAL_RT)}
-        if starts[CHECKPOINT_CLOCK_HOST]:
-            return starts[CHECKPOINT_CLOCK_HOST][0]
-        # No host-clock timers: groups start with the virtual RT checkpoint.
-        vrt = starts[CHECKPOINT_CLOCK_VIRTUAL_RT]
-        return vrt[0] if len(vrt) > 1 else None
+    def resumed_at(self) -> int | None:
+        """Offset of the first event the recording logged once the guest ran
+        again: anything but the stopped main loop's clock groups."""
+        return next((e.offset for e in self._events if e.kind not in STOPPED_KINDS), None)
 
     def since(self, offset: int) -> bytes:
         return bytes(self._data[offset - self._start:])
@@ -146,7 +147,8 @@ class LogTap:
 async def take_join_point(qmp: QMPClient, reader: ReplayLogReader,
                           tap: Callable[[], LogTap], retain_from: Callable[[int, bytes], None],
                           settle: float, timeout: float = 10.0) -> JoinPoint:
-    """Steps 1 and 2: stop, find the join point, savevm, resume.
+    """Steps 1 and 2: stop, savevm, resume; the join point is where the
+    recording's log goes on once the guest runs again.
 
     `settle`: how long until all the log the running guest wrote has been
     flushed out of QEMU (a few `primary.log_flush_us`).  `tap()` makes the
@@ -156,6 +158,7 @@ async def take_join_point(qmp: QMPClient, reader: ReplayLogReader,
     follows for the new backup."""
     started = time.monotonic()
     attempts = 0
+    tapped: LogTap | None = None
     try:
         while True:
             attempts += 1
@@ -164,16 +167,6 @@ async def take_join_point(qmp: QMPClient, reader: ReplayLogReader,
             await _log_reaches(reader, stopped_at, timeout)
             await asyncio.sleep(settle)  # what follows was logged while stopped
             tapped = tap()
-            deadline = time.monotonic() + timeout
-            while (offset := tapped.group_start()) is None:
-                if time.monotonic() > deadline:
-                    raise JoinError(f"no main-loop clock group in the stopped guest's log "
-                                    f"within {timeout:.0f} s")
-                await asyncio.sleep(POLL)
-            if reader.icount != stopped_at:
-                raise JoinError(f"the stopped guest's log went past icount {stopped_at}")
-            icount = stopped_at
-            retain_from(offset, tapped.since(offset))
             save_start = time.monotonic()
             out = await qmp.execute("human-monitor-command",
                                     {"command-line": f"savevm {JOIN_SNAPSHOT}"})
@@ -187,7 +180,16 @@ async def take_join_point(qmp: QMPClient, reader: ReplayLogReader,
     finally:
         await qmp.execute("cont")
     done = time.monotonic()
-    point = JoinPoint(offset, icount, done - started, done - save_start, attempts)
+    # The stopped main loop's clock groups (a replay may lack the timers
+    # that logged them) are skipped: the replay starts where the guest ran on.
+    deadline = done + timeout
+    while (offset := tapped.resumed_at()) is None:
+        if time.monotonic() > deadline:
+            raise JoinError(f"the recording logged nothing after the guest ran on "
+                            f"within {timeout:.0f} s")
+        await asyncio.sleep(POLL)
+    retain_from(offset, tapped.since(offset))
+    point = JoinPoint(offset, stopped_at, done - started, done - save_start, attempts)
     emit(log, "join-point", **point.json())
     return point
 
