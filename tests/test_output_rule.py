@@ -60,7 +60,9 @@ def test_client_gets_every_answer_right_and_nothing_leaves_early(lan_pair) -> No
     assert [(p["status"], p["sha256"]) for p in pages["pages"]] == [(200, want)] * 20
     # The audit trail: every frame left only once the backup's ACK covered it.
     trail = gate_trail(pair)
-    assert len(trail) > 400
+    # At least a frame per answer, and a SYN-ACK, the page and a FIN per page
+    # (how many pure ACKs the guest sends besides depends on timing).
+    assert len(trail) >= 200 + 3 * 20
     early = [t for t in trail if t["acked"] < t["stamp"]]
     assert early == []
     assert [t["seq"] for t in trail] == sorted(t["seq"] for t in trail)
