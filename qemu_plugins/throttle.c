@@ -20,11 +20,10 @@
  * replay lock, as a SIGSTOP of the whole process did before; short slices
  * bound how long the main loop waits for it.
  *
- * Talking to the controller: a 32-byte file in the run directory that the
+ * Talking to the controller: a 24-byte file in the run directory that the
  * controller creates before starting QEMU and both sides mmap
  * (`vmft_qemu/lag_control.py`, `Throttle`).  The controller stores
- * `share_ppm`; the plugin adds to `slept_ns` and `insns`.  Aligned 32- and
- * 64-bit words, read and written atomically: no syscall, no thread, no
+ * `share_ppm`; the plugin adds to `slept_ns`.  Aligned 32- and 64-bit words, read and written atomically: no syscall, no thread, no
  * protocol in the hot path, and a value the controller sets holds until it
  * sets another (a socket would need a reader thread in QEMU and a framing).
  *
@@ -62,7 +61,6 @@ struct control {
     uint32_t share_ppm; /* controller: share of busy time to sleep */
     uint32_t reserved;
     uint64_t slept_ns;  /* plugin: total time the vCPUs slept */
-    uint64_t insns;     /* plugin: instructions executed, to within a quantum */
 };
 
 /* Per vCPU. */
@@ -102,7 +100,6 @@ static void quantum_done(unsigned int vcpu_index, void *unused)
 {
     (void)unused;
     struct vcpu *v = qemu_plugin_scoreboard_find(vcpus, vcpu_index);
-    __atomic_fetch_add(&control->insns, v->insns, __ATOMIC_RELAXED);
     v->insns = 0;
     uint64_t share = __atomic_load_n(&control->share_ppm, __ATOMIC_RELAXED);
     int64_t now = now_ns();

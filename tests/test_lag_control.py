@@ -95,7 +95,7 @@ def test_qemu_loads_the_throttle_plugin_only_with_its_control_file(tmp_path: Pat
         bad = subprocess.run(base + ["-plugin", f"{plugin},{args}"],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode != 0 and error in bad.stderr, bad.stderr
-    control.write_bytes(bytes(32))
+    control.write_bytes(bytes(24))
     bad = subprocess.run(base + ["-plugin", f"{plugin},control={control}"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "magic 00000000" in bad.stderr, bad.stderr

@@ -36,16 +36,16 @@ from pathlib import Path
 from typing import Callable
 
 PERIOD_S = 0.05
-MAX_SHARE = 0.9  # the primary's vCPU executes at least this share of its busy time
+MAX_SHARE = 0.9  # the primary's vCPU sleeps at most this share of its busy time
 AIM = 0.3  # aim at this fraction of the target: single samples jitter by ~50 ms
 KP = 0.2  # share per target-sized excess of lag
 KI = 0.5  # share per second per target-sized excess of lag
 
 # The control file shared with throttle.c's `struct control`.
-CONTROL = struct.Struct("<IIIIQQ")  # magic, version, share_ppm, reserved, slept_ns, insns
+CONTROL = struct.Struct("<IIIIQ")  # magic, version, share_ppm, reserved, slept_ns
 CONTROL_MAGIC = 0x54464D56  # "VMFT"
 CONTROL_VERSION = 1
-_SHARE, _SLEPT, _INSNS = 2, 2, 3  # word indexes: share_ppm in u32 words, the rest in u64
+_SHARE, _SLEPT = 2, 2  # word indexes: share_ppm in u32 words, slept_ns in u64 words
 
 
 class Throttle:
@@ -57,7 +57,7 @@ class Throttle:
         self.path = path
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, CONTROL.pack(CONTROL_MAGIC, CONTROL_VERSION, 0, 0, 0, 0))
+            os.write(fd, CONTROL.pack(CONTROL_MAGIC, CONTROL_VERSION, 0, 0, 0))
             self._map = mmap.mmap(fd, CONTROL.size)
         finally:
             os.close(fd)
@@ -72,11 +72,6 @@ class Throttle:
     def slept_s(self) -> float:
         """How long the primary's vCPU has slept for the loop so far."""
         return self._u64[_SLEPT] / 1e9
-
-    @property
-    def insns(self) -> int:
-        """Instructions the primary has executed (to within the plugin's quantum)."""
-        return self._u64[_INSNS]
 
     def close(self) -> None:
         self._u32.release()
