@@ -252,7 +252,7 @@ def test_cluster_runs_a_vm_on_two_hosts_and_survives_pulling_the_primary_host(la
     wait_for(lambda: f"VMFT-NET-UP {GUEST_IP}" in lab.console("b"), 240,
              "the backup on b to replay the guest's network bring-up", every=1)
     vm = lab.wait_vm(lambda v: v["protected"] and v["standby"] and (v["lag_ms"] or 1e9) < 500,
-                     120, "the pair to be protected and caught up, with a standby")
+                     240, "the pair to be protected and caught up, with a standby")
     assert (vm["primary"], vm["backup"], vm["standby"]) == ("a", "b", "c")
     print(lab.cluster("show").stdout)
     # A second start of the same VM is refused: it runs already.
