@@ -33,10 +33,10 @@
  *    QEMU itself uses for a halted vCPU when a virtual timer is re-armed
  *    (qemu_timer_notify_cb), so the recording only gains loop iterations of
  *    the kind it already has many of.  Measured, it cut the wait from 2.2 ms
- *    to 0.6 ms (median) and a counter request by ~10 ms; but each kick is a
- *    checkpoint the backup must replay, and an idle guest's checkpoints
- *    replay at real-time pace: with a kick every 2 ms the backup fell behind
- *    by 0.5 s per second of idle guest.  So it is off unless `kick=on`.
+ *    to 0.6 ms (median) and a counter request by ~10 ms.  But each kick is a
+ *    checkpoint the backup must replay, and with it on an FT pair's backup
+ *    once fell behind by 0.5 s per second of idle guest (not yet shown to be
+ *    the kick's doing).  So it is off unless `kick=on`.
  *
  * The plugin registers no instrumentation: translation and guest execution
  * are unchanged, every input stays in the log at the instruction it was
