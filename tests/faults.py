@@ -1,7 +1,8 @@
 """A TCP proxy for the log channel that damages one primary->backup LOG frame.
 
-It forwards byte-exact in both directions and, on the `at`-th LOG frame of its
-first connection, corrupts, truncates, duplicates or reorders it.  Later
+It forwards byte-exact in both directions and, on the first LOG frame of its
+first connection from the `at`-th on that carries more than a few bytes,
+corrupts, truncates, duplicates or reorders it.  Later
 connections (the primary's reconnect) pass untouched.  Mode "tamper" is
 different: it changes one byte of the first ARP packet the guest receives
 (an ASYNC_NET event in the log) and re-seals the frame with a valid checksum,
@@ -107,7 +108,8 @@ class FaultProxy:
                 logs += is_log
                 if damage and is_log and self.mode == "tamper":
                     frame = self._tamper(frame)
-                elif damage and is_log and logs == self.at and length > 8:
+                elif (damage and is_log and logs >= self.at and length > 8
+                      and not self.injected.is_set()):
                     frame = self._damage(frame, dst)
                     if frame is None:  # truncated and half-closed: the backup hangs up
                         return
