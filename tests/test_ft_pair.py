@@ -59,10 +59,10 @@ def test_pair_runs_60_s_in_lock_step(pair_factory) -> None:
                             str(pair.config("primary"))], capture_output=True, text=True,
                            timeout=30)
     assert shown.returncode == 0, shown.stderr
-    for field in ("primary icount", "backup icount", "lag", "ms of guest time", "KiB/s",
+    for field in ("primary icount", "backup icount", "lag", "ms of the primary's running time", "KiB/s",
                   "ACK delay", f"{pair.name} backup: replaying"):
         assert field in shown.stdout, shown.stdout
-    assert max(lags) < 1000, f"lag reached {max(lags):.0f} ms of guest time"
+    assert max(lags) < 1000, f"lag reached {max(lags):.0f} ms of the primary's running time"
     assert len(_ticks(pair.console("backup"))) >= 50, "the guest prints a tick a second"
     # The end: stop the primary cleanly; the backup replays up to the last line.
     assert pair.shutdown() == {"primary": 0, "backup": 0}

@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Ask the FT controllers on this host for their view, one row each: "
                     "the state (protected, lagging, alone, ...) and for how long, the icount, "
-                    "the lag (ms of the primary's guest clock and instructions; a backup shows "
+                    "the lag (ms of the primary's running time and instructions; a backup shows "
                     "the log it has still to replay), log KiB/s, ACK delay, the output gate "
                     "(frames held / released / last hold in ms), when the partner was last "
                     "heard and the share of time lag control slows the primary.  Then the "

@@ -6,11 +6,11 @@ limit is lowered step by step, and raised again step by step once the backup has
 caught up, until it lags only slightly.  A far-behind backup makes failover
 slow: it must replay everything it holds before it can go live.
 
-The lag is measured in the primary's own guest clock (the clock reads in the
-replay log, see `PrimaryController.lag_ms`): how long ago the primary was
-where the backup is now.  Every period the loop compares it with the target
+The lag is measured in the primary's running time (the controller timestamps
+the log as it reads it, see `PrimaryController.lag_ms`): how long ago the
+primary was where the backup is now.  Every period the loop compares it with the target
 and sets the *throttle share*, the share of its busy time the primary's vCPU
-sleeps.  The share is a PI controller aiming at half the target: the
+sleeps.  The share is a PI controller aiming at `AIM` (0.3) of the target: the
 integral is the paper's step-by-step limit and finds the share a slow backup
 needs; the proportional part damps it (the lag integrates the speed
 difference, so an integral alone would oscillate).

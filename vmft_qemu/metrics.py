@@ -69,7 +69,7 @@ PRIMARY = [
     ("vmft_lag_instructions", False, "instructions recorded, not yet replayed",
      _at("lag_insns")),
     ("vmft_lag_seconds", False, "how far the backup's replay is behind, in the primary's "
-     "guest clock", _at("lag_ms", scale=1e-3)),
+     "running time", _at("lag_ms", scale=1e-3)),
     ("vmft_ack_delay_seconds", False, "LOG frame sent -> its ACK",
      _at("ack_delay_ms", scale=1e-3)),
     ("vmft_retained_log_bytes", False, "log the backup has not acknowledged",

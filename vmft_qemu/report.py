@@ -109,7 +109,7 @@ def _draw(panels: dict[str, list[Series]], marks: list[tuple[float, str, str]],
     colour = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # a run dir's, everywhere
     # Log-like scales: a boot's seconds of lag and MiB/s of log next to the
     # steady state's tens of ms and KiB/s.
-    titles = {"lag": ("backup's lag (primary's guest clock)", "ms", 10),
+    titles = {"lag": ("backup's lag (primary's running time)", "ms", 10),
               "log": ("log channel bandwidth (replay log recorded)", "KiB/s", 10),
               "hold": ("output hold time per guest frame (output gate)", "ms", 0.1)}
     for ax, (panel, (title, unit, linear_below)) in zip(axes, titles.items()):

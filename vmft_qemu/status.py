@@ -117,7 +117,7 @@ def render(status: dict[str, Any]) -> str:
             f"  backup icount    {_num(status['backup_replayed']['icount'])} replayed, "
             f"{_num(status['acked']['icount'])} acknowledged",
             f"  lag              {_num(status['lag_insns'])} instructions = "
-            f"{_num(status['lag_ms'], ' ms')} of guest time",
+            f"{_num(status['lag_ms'], ' ms')} of the primary's running time",
             f"  log              {_num(status['log_bytes_per_s'] / 1024, ' KiB/s')}, "
             f"{_num(status['recorded']['offset'])} bytes so far, "
             f"{_num(status['retained_bytes'])} not yet acknowledged",
@@ -212,7 +212,7 @@ def table(snapshots: list[dict[str, Any]], title: str | None = None) -> Table:
     """One row per controller, from snapshots gathered here or anywhere else."""
     t = Table(title=title, title_justify="left", header_style="bold underline", box=None,
               pad_edge=False, padding=(0, 0, 0, 1), caption_justify="left",
-              caption="Minsn: icount in millions; lag: the primary's, in its guest clock (a "
+              caption="Minsn: icount in millions; lag: the primary's, in its running time (a "
                       "backup: log received, not yet replayed); log: KiB/s; ACK: delay in ms; "
                       "gate: frames held/released, the last one's hold in ms; heard: ms since "
                       "the partner was; thr: share of time lag control slows the primary")
