@@ -16,8 +16,8 @@ def _config(port: int, **failure: int) -> cfg.FTConfig:
     return cfg.from_dict({"vm": {"name": "fd"}, "failure": {"heartbeat_port": port, **failure}})
 
 
-def test_partners_hear_each_other_and_a_silent_one_is_failed_within_300_ms() -> None:
-    config = _config(free_port())
+def test_partners_hear_each_other_and_a_silent_one_is_failed_within_the_timeout() -> None:
+    config = _config(free_port(), timeout_ms=250)
 
     async def scenario() -> tuple[float, str, int]:
         backup, primary = FailureDetector(config, "backup"), FailureDetector(config, "primary")
@@ -37,7 +37,7 @@ def test_partners_hear_each_other_and_a_silent_one_is_failed_within_300_ms() -> 
 
     took, reason, _ = asyncio.run(scenario())
     assert "silent" in reason
-    assert took <= 0.3, f"declared failed {took * 1000:.0f} ms after the last heartbeat"
+    assert took <= 0.25 * 1.2, f"declared failed {took * 1000:.0f} ms after the last heartbeat"
 
 
 def test_log_channel_down_for_the_grace_time_counts_as_failed() -> None:
@@ -62,7 +62,7 @@ def test_log_channel_down_for_the_grace_time_counts_as_failed() -> None:
 
 def test_heartbeats_of_another_vm_or_garbage_do_not_count() -> None:
     port = free_port()
-    config = _config(port)
+    config = _config(port, timeout_ms=250)
 
     async def scenario() -> tuple[int, str | None]:
         backup = FailureDetector(config, "backup")

@@ -14,6 +14,10 @@ an error naming its key and what is allowed.
     qemu = "qemu-system-x86_64"
     mac = "52:54:00:77:00:10"     # the guest's NIC ("" for none)
     ip = "192.168.77.10/24"       # the guest's address on the LAN
+    launcher = "qemu"             # qemu: the controller runs QEMU itself
+                                  # libvirt: libvirtd runs it as a transient domain
+                                  # vmft-NAME-primary / -backup (shows in virsh list)
+    libvirt_uri = "qemu:///system"  # launcher "libvirt": this host's libvirtd
 
     [primary]
     run_dir = "/run/vmft/demo/primary"
@@ -43,7 +47,7 @@ an error naming its key and what is allowed.
     heartbeat_ms = 50             # UDP heartbeats to the partner this often
     heartbeat_port = 7401         # UDP port at backup.address; the backup answers the
                                   # primary's heartbeats at the address they came from
-    timeout_ms = 250              # partner silent (UDP and log channel) this long: failed
+    timeout_ms = 1000             # partner silent (UDP and log channel) this long: failed
     channel_grace_ms = 3000       # heartbeats but no log channel this long: failed too
 
     [lock]
@@ -89,6 +93,8 @@ class VMConfig:
     qemu: str
     mac: str
     ip: str
+    launcher: str
+    libvirt_uri: str
 
 
 @dataclass(frozen=True)
@@ -240,6 +246,12 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "mac": (_string(_MAC + r"|", "a MAC address like 52:54:00:77:00:10, or \"\""), ""),
         "ip": (_string(_IP_PREFIX + r"|", "an IPv4 address with prefix like 192.168.77.10/24, "
                                            "or \"\""), ""),
+        "launcher": (_string(r"qemu|libvirt", "qemu or libvirt"), "qemu"),
+        # QEMU opens the controller's pipes and sockets, so only this host's libvirtd will do.
+        "libvirt_uri": (_string(r"qemu(\+unix)?:///system(\?socket=/[\w./-]+)?",
+                                "a local system URI of libvirt's QEMU driver, e.g. "
+                                "qemu:///system (QEMU must run where its controller does)"),
+                        "qemu:///system"),
     },
     "primary": {
         "run_dir": (_path, "/run/vmft/demo/primary"),
@@ -267,7 +279,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "failure": {
         "heartbeat_ms": (_int_range(10, 10_000), 50),
         "heartbeat_port": (_int_range(1, 65535), 7401),
-        "timeout_ms": (_int_range(50, 600_000), 250),
+        "timeout_ms": (_int_range(50, 600_000), 1000),
         "channel_grace_ms": (_int_range(100, 600_000), 3000),
     },
     "lock": {

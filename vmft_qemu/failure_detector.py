@@ -35,6 +35,7 @@ from .events import emit
 log = logging.getLogger(__name__)
 
 MAGIC = "vmft-heartbeat"
+STALL_REPORT_S = 0.1  # an own stall this long is reported: the partner sees us silent
 
 
 class _Endpoint(asyncio.DatagramProtocol):
@@ -159,6 +160,9 @@ class FailureDetector:
                 # This process was not scheduled for a while: the partner's
                 # silence over that time is no evidence (its heartbeats may be
                 # waiting in our socket).  Only count time we were running.
+                if stalled > STALL_REPORT_S:
+                    emit(log, "controller-stalled", logging.WARNING, role=self.role,
+                         ms=round(stalled * 1000, 1))
                 self.last_heard += stalled
                 self.channel_changed += stalled
                 self.started += stalled
