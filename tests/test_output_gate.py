@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from vmft_qemu.events import read_jsonl
 from vmft_qemu.output_gate import OutputGate
 
 
@@ -27,6 +28,17 @@ def test_frames_wait_for_the_ack_that_covers_them_and_leave_in_order(tmp_path: P
     trail = [json.loads(line) for line in (tmp_path / "gate.jsonl").read_text().splitlines()]
     assert [t["seq"] for t in trail] == [1, 2, 3]
     assert all(t["acked"] >= t["stamp"] for t in trail)
+
+
+def test_the_audit_trail_is_capped_and_keeps_the_newest_releases(tmp_path: Path) -> None:
+    gate = OutputGate(lambda frame: None, audit=tmp_path / "gate.jsonl", audit_max_bytes=4000)
+    gate.acknowledged(10**9)
+    for stamp in range(200):
+        gate.hold(b"x", stamp=stamp, held_at=0.0)
+    gate.close()
+    older, newest = (read_jsonl(tmp_path / name) for name in ("gate.1.jsonl", "gate.jsonl"))
+    assert (tmp_path / "gate.1.jsonl").stat().st_size < 4200
+    assert [t["seq"] for t in older + newest] == list(range(201 - len(older) - len(newest), 201))
 
 
 def test_a_frame_already_covered_leaves_at_once() -> None:

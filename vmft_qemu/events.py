@@ -55,6 +55,28 @@ def to_jsonl(path: Path, vm: str, role: str) -> JsonLinesHandler:
     return handler
 
 
+class CappedJsonLines:
+    """An append-only JSON-lines file that never grows past `max_bytes`: a full
+    NAME.jsonl becomes NAME.1.jsonl (the one before is dropped), because run
+    directories may be on tmpfs and an FT pair runs for months."""
+
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = path
+        self.older = path.with_suffix(".1" + path.suffix)
+        self.max_bytes = max_bytes
+        self._file = open(path, "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, default=str) + "\n")
+        if self._file.tell() >= self.max_bytes:
+            self._file.close()
+            self.path.replace(self.older)
+            self._file = open(self.path, "a", buffering=1)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

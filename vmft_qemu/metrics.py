@@ -17,7 +17,6 @@ every metric carries the labels `vm` and `role`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -30,12 +29,13 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from . import status
+from .events import CappedJsonLines
 
 log = logging.getLogger(__name__)
 
 SAMPLE_PERIOD_S = 0.5
 SAMPLES_NAME = "metrics.jsonl"
-OLDER_SAMPLES_NAME = "metrics.1.jsonl"  # the samples before, once SAMPLES_NAME was full
+OLDER_SAMPLES_NAME = "metrics.1.jsonl"  # the samples before, once SAMPLES_NAME was full (CappedJsonLines)
 SAMPLES_MAX_BYTES = 32 << 20  # ~1 KiB a sample: 4 to 8 hours kept, in two files
 UNSAMPLED = ("errors",)  # in the status, not worth repeating twice a second
 
@@ -160,22 +160,15 @@ async def record(run_dir: Path, snapshot: Snapshot,
                  on_sample: Callable[[dict[str, Any]], None] | None = None,
                  max_bytes: int = SAMPLES_MAX_BYTES) -> None:
     """Append a sample of the snapshot to RUN_DIR/metrics.jsonl every
-    SAMPLE_PERIOD_S, forever.  A full file becomes metrics.1.jsonl (the one
-    before is dropped): run dirs may be on tmpfs."""
-    path = run_dir / SAMPLES_NAME
-    out = open(path, "a", buffering=1)
+    SAMPLE_PERIOD_S, forever (capped: the older samples in metrics.1.jsonl)."""
+    out = CappedJsonLines(run_dir / SAMPLES_NAME, max_bytes)
     try:
         while True:
             snap = snapshot()
             if on_sample is not None:
                 on_sample(snap)
-            sample = {"time": round(time.time(), 3),
-                      **{k: v for k, v in snap.items() if k not in UNSAMPLED}}
-            out.write(json.dumps(sample, default=str) + "\n")
-            if out.tell() >= max_bytes:
-                out.close()
-                path.replace(run_dir / OLDER_SAMPLES_NAME)
-                out = open(path, "a", buffering=1)
+            out.write({"time": round(time.time(), 3),
+                       **{k: v for k, v in snap.items() if k not in UNSAMPLED}})
             await asyncio.sleep(SAMPLE_PERIOD_S)
     finally:
         out.close()

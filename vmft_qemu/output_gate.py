@@ -24,15 +24,16 @@ acknowledged icount that released it, so the rule can be checked afterwards.
 from __future__ import annotations
 
 import collections
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import Callable
 
+from .events import CappedJsonLines
 from .status import Histogram
 
 HOLD_BOUNDS_MS = (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+AUDIT_MAX_BYTES = 64 << 20  # ~150 bytes a frame: the newest ~400k frames, in two files
 
 
 @dataclass
@@ -45,7 +46,8 @@ class HeldFrame:
 
 
 class OutputGate:
-    def __init__(self, release: Callable[[bytes], None], audit: Path | None = None) -> None:
+    def __init__(self, release: Callable[[bytes], None], audit: Path | None = None,
+                 audit_max_bytes: int = AUDIT_MAX_BYTES) -> None:
         self._release = release
         self._held: collections.deque[HeldFrame] = collections.deque()
         self._seq = 0
@@ -55,7 +57,7 @@ class OutputGate:
         self.last_hold_ms = 0.0
         self.max_hold_ms = 0.0
         self.hold_ms = Histogram(HOLD_BOUNDS_MS)
-        self._audit: TextIO | None = open(audit, "a", buffering=1) if audit else None
+        self._audit = CappedJsonLines(audit, audit_max_bytes) if audit else None
 
     @property
     def held(self) -> int:
@@ -94,12 +96,12 @@ class OutputGate:
             self.max_hold_ms = max(self.max_hold_ms, self.last_hold_ms)
             self.hold_ms.add(self.last_hold_ms)
             if self._audit:
-                self._audit.write(json.dumps({
+                self._audit.write({
                     "time": round(time.time(), 6),
                     "seq": frame.seq, "stamp": frame.stamp, "acked": self.acked,
                     "open": self.is_open,
                     "bytes": len(frame.data), "hold_ms": round(self.last_hold_ms, 3),
-                    "stamp_ms": round((frame.stamped_at - frame.held_at) * 1000, 3)}) + "\n")
+                    "stamp_ms": round((frame.stamped_at - frame.held_at) * 1000, 3)})
 
     def close(self) -> None:
         if self._audit:
