@@ -1,16 +1,20 @@
 """vmft's QEMU as a libvirt domain: made from the same command line, run by a real libvirtd.
 
 The unit tests parse the domain XML back and check that it describes exactly
-`machine.command_line()`'s QEMU for every role.  The live test starts
-libvirtd (and virtlogd) itself unless one already answers, creates the
-domain of a recording primary, sees it in `virsh list`, sees the guest boot
-on its console and QMP report record mode at a growing icount, and stops
-everything it started by PID.
+`machine.command_line()`'s QEMU for every role (plus the pinned guest UUID),
+and that `vm.launcher` picks who starts QEMU.  The live test starts
+libvirtd (and virtlogd) itself unless one already answers, runs an FT pair
+whose two QEMUs are libvirt domains (`vm.launcher = "libvirt"`), sees both
+in `virsh list`, the backup's console follow the primary's, and a failover
+when the primary's controller is killed: libvirt destroys its domain and
+the backup's recording QEMU, from the go-live snapshot, is the new
+vmft-VM-primary.  It stops everything it started by PID.
 """
 
 from __future__ import annotations
 
-import asyncio
+import os
+import signal
 import subprocess
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -19,10 +23,13 @@ from typing import Iterator
 import psutil
 import pytest
 
+from vmft_qemu import config as cfg
 from vmft_qemu import images
 from vmft_qemu import libvirt_domain as lv
-from vmft_qemu.machine import Machine, MachinePaths, Role, VMSpec, command_line
-from vmft_qemu.pair import wait_for
+from vmft_qemu import machine
+from vmft_qemu.go_live import SNAPSHOT
+from vmft_qemu.machine import MachinePaths, Role, VMSpec, command_line
+from vmft_qemu.pair import LocalPair, wait_for
 
 GUEST = dict(name="lvt", memory_mib=256, mac="52:54:00:77:00:10", ip="192.168.77.10/24")
 
@@ -40,7 +47,15 @@ def argv_of(xml: str) -> list[str]:
             "-m", root.findtext("memory"),
             "-kernel", root.findtext("os/kernel"), "-initrd", root.findtext("os/initrd"),
             "-append", root.findtext("os/cmdline")]
-    return argv + lv.passthrough(xml)
+    return argv + pinned_uuid(xml)[0]
+
+
+def pinned_uuid(xml: str) -> tuple[list[str], str]:
+    """The passthrough arguments without the guest UUID libvirt's -uuid is overridden with,
+    and that UUID."""
+    rest = lv.passthrough(xml)
+    assert rest[-2] == "-smbios" and rest[-1].startswith("type=1,uuid=")
+    return rest[:-2], rest[-1].removeprefix("type=1,uuid=")
 
 
 def options(argv: list[str]) -> list[tuple[str, ...]]:
@@ -68,10 +83,15 @@ def test_the_domain_describes_exactly_the_command_line(tmp_path: Path, image, ro
 
 
 def test_primary_and_backup_domains_differ_only_where_the_command_lines_do(tmp_path, image):
-    record = lv.passthrough(lv.domain_xml(spec(image), Role.RECORD, MachinePaths(tmp_path),
-                                          tmp_path / "log"))
-    replay = lv.passthrough(lv.domain_xml(spec(image), Role.REPLAY, MachinePaths(tmp_path),
-                                          tmp_path / "log"))
+    record, record_uuid = pinned_uuid(lv.domain_xml(spec(image), Role.RECORD,
+                                                    MachinePaths(tmp_path), tmp_path / "log"))
+    replay, replay_uuid = pinned_uuid(lv.domain_xml(spec(image), Role.REPLAY,
+                                                    MachinePaths(tmp_path), tmp_path / "log"))
+    # libvirt gives each domain a UUID of its own; the guest sees one per VM.
+    assert record_uuid == replay_uuid
+    other = VMSpec(image=image, **{**GUEST, "name": "other"})
+    assert pinned_uuid(lv.domain_xml(other, Role.RECORD, MachinePaths(tmp_path),
+                                     tmp_path / "log"))[1] != record_uuid
     devices = [a for a in record if a.startswith(("virtio-", "dgram", "filter-replay"))]
     assert devices and devices == [a for a in replay if a.startswith(("virtio-", "dgram",
                                                                       "filter-replay"))]
@@ -80,6 +100,28 @@ def test_primary_and_backup_domains_differ_only_where_the_command_lines_do(tmp_p
 def test_options_without_a_libvirt_element_are_refused() -> None:
     with pytest.raises(ValueError, match="-machine q35,accel=kvm"):
         lv.split_args(["-machine", "q35,accel=kvm"])
+
+
+def test_the_launcher_picks_who_starts_qemu(tmp_path: Path, image) -> None:
+    mine = machine.for_config(cfg.from_dict({"vm": {"name": "lvt"}}), image, Role.RECORD,
+                              tmp_path, tmp_path / "record.fifo")
+    assert type(mine) is machine.Machine
+    config = cfg.from_dict({"vm": {"name": "lvt", "launcher": "libvirt",
+                                   "libvirt_uri": "qemu:///system"}})
+    theirs = machine.for_config(config, image, Role.REPLAY, tmp_path, tmp_path / "replay.fifo")
+    assert isinstance(theirs, lv.LibvirtMachine) and theirs.name == "vmft-lvt-backup"
+    assert theirs.pid is None and not theirs.running()
+
+
+@pytest.mark.parametrize("vm, message", [
+    ({"launcher": "virsh"}, "vm.launcher = 'virsh': must be qemu or libvirt"),
+    ({"launcher": "libvirt", "libvirt_uri": "qemu+ssh://b/system"},
+     "vm.libvirt_uri = 'qemu+ssh://b/system': must be a local system URI"),
+    ({"libvirt_uri": "xen:///system"}, "QEMU must run where its controller does"),
+])
+def test_bad_launcher_settings_are_refused(vm: dict, message: str) -> None:
+    with pytest.raises(cfg.ConfigError, match=message.replace("+", r"\+").replace("(", r"\(")):
+        cfg.from_dict({"vm": vm}, "pair.toml")
 
 
 # --- a real libvirtd ------------------------------------------------------------------
@@ -115,41 +157,54 @@ def libvirtd(tmp_path: Path) -> Iterator[None]:
             proc.wait(15)
 
 
+def domains() -> list[str]:
+    return lv.virsh("list", "--name").split()
+
+
+def qemu_of(pair: LocalPair, role: str) -> psutil.Process:
+    """The QEMU a side's controller drives, as its status names it."""
+    return psutil.Process(wait_for(lambda: pair.status(role).get("qemu_pid"), 60,
+                                   f"the {role}'s QEMU"))
+
+
+def ticks(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("tick ")]
+
+
 @pytest.mark.qemu
-def test_libvirt_runs_the_recording_primary_and_virsh_lists_it(tmp_path: Path, image,
-                                                                libvirtd) -> None:
-    vm = VMSpec(name="lvt", memory_mib=256, image=image)
-    machine = Machine(vm, Role.RECORD, tmp_path / "run", rrfile=tmp_path / "run" / "log.bin")
-    machine.prepare()
-    domain = lv.Domain(lv.domain_xml(vm, Role.RECORD, machine.paths, machine.rrfile),
-                       machine.paths.run_dir)
-    domain.create()
+def test_an_ft_pair_under_libvirt_shows_in_virsh_and_fails_over(tmp_path: Path, image,
+                                                                 libvirtd) -> None:
+    pair = LocalPair(tmp_path / "pair", launcher="libvirt")
+    primary, backup = (f"vmft-{pair.name}-{side}" for side in ("primary", "backup"))
     try:
-        assert domain.name in lv.virsh("list", "--name").split()
-        qemu = psutil.Process(domain.pid())
+        pair.start_both()
+        wait_for(lambda: {primary, backup} <= set(domains()), 120, "both domains in virsh list")
+        recording = qemu_of(pair, "primary")
+        assert int((lv.PID_DIR / f"{primary}.pid").read_text()) == recording.pid
         # vmft's own arguments reach QEMU verbatim and in order, after libvirt's.
-        cmdline, ours = qemu.cmdline(), lv.passthrough(domain.xml)
+        ours = lv.passthrough((pair.run_dir("primary") / "domain.xml").read_text())
+        cmdline = recording.cmdline()
         assert any(cmdline[i:i + len(ours)] == ours for i in range(len(cmdline)))
-        assert f"shift=3,rr=record,rrfile={machine.rrfile}" in ours
-        wait_for(lambda: any(line.startswith("tick ") for line in
-                             machine.paths.console.read_text(errors="replace").splitlines()),
-                 120, "the guest's first tick on the console under libvirt", every=0.5)
+        assert any(a.startswith("shift=3,rr=record,rrfile=") for a in ours)
+        # The backup's replay shows what the primary's guest printed.
+        wait_for(lambda: len(ticks(pair.console("backup"))) >= 3, 150,
+                 "the backup to replay three ticks")
+        replayed = ticks(pair.console("backup"))
+        assert replayed == ticks(pair.console("primary"))[:len(replayed)]
 
-        async def replay_state() -> dict:
-            from qemu.qmp import QMPClient
-            client = QMPClient("test")
-            await client.connect(str(machine.paths.qmp))
-            try:
-                return await client.execute("query-replay")
-            finally:
-                await client.disconnect()
-
-        first = asyncio.run(replay_state())
-        assert first["mode"] == "record"
-        wait_for(lambda: asyncio.run(replay_state())["icount"] > first["icount"], 10,
-                 "the recording to go on")
-        assert machine.rrfile.stat().st_size > 0
+        # The primary's controller dies: libvirt destroys its domain, the backup goes live.
+        os.killpg(pair.procs["primary"].pid, signal.SIGKILL)
+        pair.procs["primary"].wait(10)
+        wait_for(lambda: not recording.is_running() or
+                 recording.status() == psutil.STATUS_ZOMBIE, 30, "the old primary's QEMU to end")
+        wait_for(lambda: pair.status("backup").get("state") == "alone", 60,
+                 "the backup to go live")
+        live = qemu_of(pair, "backup")
+        assert live.pid != recording.pid and f"-loadvm" in live.cmdline()
+        assert SNAPSHOT in live.cmdline() and primary in domains() and backup not in domains()
+        before = len(ticks(pair.console("backup")))
+        wait_for(lambda: len(ticks(pair.console("backup"))) > before + 1, 60,
+                 "the guest to tick on under the new primary")
     finally:
-        domain.destroy()
-    assert domain.name not in lv.virsh("list", "--all", "--name").split()   # transient
-    assert not psutil.pid_exists(qemu.pid) or qemu.status() == psutil.STATUS_ZOMBIE
+        pair.stop()
+    assert not {primary, backup} & set(lv.virsh("list", "--all", "--name").split())

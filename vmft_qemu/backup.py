@@ -29,7 +29,7 @@ import os
 import socket
 from typing import Any
 
-from . import go_live, metrics, reprotect
+from . import go_live, machine, metrics, reprotect
 from . import log_channel as lc
 from .config import FTConfig
 from .divergence import DivergenceCheck
@@ -37,7 +37,7 @@ from .events import Stateful, emit
 from .failure_detector import FailureDetector
 from .images import GuestImage
 from .log_pipe import open_fifo, unread_bytes
-from .machine import Machine, Role, VMSpec
+from .machine import Role
 from .replay_log import REPLAY_VERSION, LogFormatError, ReplayLogReader, version_bytes
 from .vnic import open_guest_port
 
@@ -121,9 +121,9 @@ class BackupController(Stateful):
         self.config = config
         self.run_dir = config.backup.run_dir
         self.standby = standby
-        self.machine = Machine(VMSpec.from_config(config, image), Role.REPLAY,
-                               self.run_dir, rrfile=self.run_dir / "replay.fifo",
-                               loadvm=reprotect.JOIN_SNAPSHOT if standby else None)
+        self.machine = machine.for_config(config, image, Role.REPLAY, self.run_dir,
+                                          self.run_dir / "replay.fifo",
+                                          loadvm=reprotect.JOIN_SNAPSHOT if standby else None)
         self.reader = ReplayLogReader()
         self._fifo = -1
         self._joining: reprotect.StateReceiver | None = None

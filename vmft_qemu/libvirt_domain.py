@@ -11,7 +11,21 @@ become those elements, the ones libvirt always adds itself (-nodefaults,
 -icount rr options, the replay drives, the chardevs, QMP, NICs, plugins,
 -loadvm) goes through unchanged, in order, as `<qemu:commandline>` arguments.
 Both sides started this way get libvirt's additions alike (its own QMP
-monitor, -accel tcg, ...), so their devices still match.
+monitor, -accel tcg, ...), so their devices still match; the one addition
+that differs per domain, its UUID, reaches the guest (SMBIOS, fw_cfg), so
+the guest's is pinned to one per VM.
+
+With `vm.launcher = "libvirt"` the controllers start their QEMU this way
+(`LibvirtMachine`, the same interface as `machine.Machine`): a transient
+domain named vmft-VM-primary (the recording) or vmft-VM-backup (the
+replay), which the controller still drives through its own QMP socket.
+The domain is created with --autodestroy over a `virsh` process that lives
+as long as the controller (it gets SIGKILL when the controller dies), so
+libvirt destroys the domain whenever its controller goes, as a child QEMU
+would die with it.  libvirt reaps QEMU, so its exit status is libvirt's
+reason in the domain's log: "shutdown" (the guest's, or a SIGTERM) and
+"destroyed" (`virsh destroy`: SIGTERM, a power-off) are 0, anything else
+(SIGKILLed, crashed, failed) is 1.
 
 The domain runs QEMU as root without relabelling (a static DAC label), since
 its files are the controller's (pipes, sockets, disks in the run directory);
@@ -24,21 +38,37 @@ every host.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
+import logging
+import os
+import re
+import shlex
 import shutil
 import subprocess
+import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
-from .machine import MachinePaths, Role, VMSpec, command_line
+import psutil
+
+from .machine import Machine, MachinePaths, Role, VMSpec, command_line, die_with_parent
+
+log = logging.getLogger(__name__)
 
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 CONNECT = "qemu:///system"
 PID_DIR = Path("/run/libvirt/qemu")          # libvirtd writes NAME.pid here
+LOG_DIR = Path("/var/log/libvirt/qemu")      # QEMU's stderr and libvirt's notes: NAME.log
+STOP_REASON = re.compile(r"shutting down, reason=(\w+)")
+CLEAN_STOPS = ("shutdown", "destroyed")     # QEMU ended as asked: exit status 0
 NATIVE = ("-name", "-m", "-machine", "-cpu", "-kernel", "-initrd", "-append")
 LIBVIRT_ADDS = ("-nodefaults", "-no-user-config")   # flags libvirt always passes
 LIBVIRT_ADDS_WITH_VALUE = {"-display": "none"}      # without <graphics>: -display none
 VIRSH_TIMEOUT = 60.0
+CREATE_TIMEOUT = 300.0   # a replay's QEMU comes up only once its first log has come
+GUEST_UUID_NS = uuid.UUID("6c1e8d1e-3f7a-4a8e-9a55-7d3c1e0f5b21")   # vmft's own namespace
 
 ET.register_namespace("qemu", QEMU_NS)
 
@@ -106,7 +136,9 @@ def domain_xml(spec: VMSpec, role: Role, paths: MachinePaths, rrfile: Path | Non
     seclabel = ET.SubElement(domain, "seclabel", type="static", model="dac", relabel="no")
     ET.SubElement(seclabel, "label").text = "+0:+0"
     commandline = ET.SubElement(domain, f"{{{QEMU_NS}}}commandline")
-    for arg in rest:
+    # libvirt gives every domain its own -uuid; the guest must see one per VM.
+    guest_uuid = uuid.uuid5(GUEST_UUID_NS, spec.name)
+    for arg in [*rest, "-smbios", f"type=1,uuid={guest_uuid}"]:
         ET.SubElement(commandline, f"{{{QEMU_NS}}}arg", value=arg)
     ET.indent(domain)
     return ET.tostring(domain, encoding="unicode") + "\n"
@@ -119,8 +151,9 @@ def passthrough(xml: str) -> list[str]:
                                                            f"{{{QEMU_NS}}}arg")]
 
 
-def virsh(*args: str, timeout: float = VIRSH_TIMEOUT) -> str:
-    cmd = ["virsh", "-c", CONNECT, *args]
+def virsh(*args: str, uri: str = CONNECT, timeout: float = VIRSH_TIMEOUT) -> str:
+    """One virsh command; its output, or LibvirtError."""
+    cmd = ["virsh", "-c", uri, *args]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
@@ -131,34 +164,161 @@ def virsh(*args: str, timeout: float = VIRSH_TIMEOUT) -> str:
     return done.stdout
 
 
-class Domain:
-    """A transient libvirt domain (`virsh create`): gone from libvirt once QEMU ends."""
+class VirshSession:
+    """An interactive `virsh`: one connection to libvirtd, held open until close().
 
-    def __init__(self, xml: str, run_dir: Path) -> None:
-        self.xml = xml
-        self.name = ET.fromstring(xml).findtext("name") or ""
-        self.xml_path = run_dir / "domain.xml"
+    It runs as the controller's child and gets SIGKILL when the controller
+    dies, so the connection (and every --autodestroy domain made over it)
+    never outlives the controller."""
 
-    def create(self) -> None:
-        self.xml_path.parent.mkdir(parents=True, exist_ok=True)
-        self.xml_path.write_text(self.xml)
-        virsh("create", str(self.xml_path))
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.proc: asyncio.subprocess.Process | None = None
+        self._marks = itertools.count()
+
+    async def open(self) -> None:
+        # Only stderr is read: virsh writes it unbuffered, errors and end marks alike.
+        self.proc = await asyncio.create_subprocess_exec(
+            "virsh", "-q", "-c", self.uri, stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            preexec_fn=die_with_parent)
+
+    async def run(self, *args: str, timeout: float = VIRSH_TIMEOUT) -> None:
+        """Run one command in the session; LibvirtError with virsh's errors if it failed."""
+        assert self.proc is not None and self.proc.stdin and self.proc.stderr
+        command = " ".join(shlex.quote(a) for a in args)
+        mark = f"vmft-done-{next(self._marks)}"
+        # virsh runs one command after the other: the mark comes after the command's errors.
+        # Reading a pipe, it runs a line only once the next one has come: an empty one.
+        self.proc.stdin.write(f"{command}\necho --err {mark}\n\n".encode())
+        mark = f"error: {mark}"   # how virsh prints what goes to stderr
+        said = []
+        try:
+            async with asyncio.timeout(timeout):
+                await self.proc.stdin.drain()
+                while (line := (await self.proc.stderr.readline()).decode(errors="replace")
+                       .strip()) != mark:
+                    if not line and self.proc.stderr.at_eof():
+                        raise LibvirtError(f"virsh -c {self.uri}: {command}: virsh exited with "
+                                           f"{await self.proc.wait()}: {' '.join(said)}")
+                    said.append(line)
+        except TimeoutError:
+            raise LibvirtError(f"virsh -c {self.uri}: {command}: no answer in {timeout:.0f} s"
+                               ) from None
+        except ConnectionError as e:
+            raise LibvirtError(f"virsh -c {self.uri}: {command}: {e}") from None
+        if errors := [line for line in said if line.startswith("error:")]:
+            raise LibvirtError(f"virsh -c {self.uri}: {command}: {' '.join(errors)}")
+
+    async def close(self, timeout: float = 10.0) -> None:
+        """End the session (libvirt then destroys its --autodestroy domains)."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+class LibvirtMachine(Machine):
+    """A side's QEMU as a transient libvirt domain; otherwise what `Machine` is."""
+
+    def __init__(self, *args: Any, uri: str = CONNECT, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.uri = uri
+        self.name = domain_name(self.spec, self.role)
+        self.xml_path = self.paths.run_dir / "domain.xml"
+        self.returncode: int | None = None
+        self._session: VirshSession | None = None
+        self._pid: int | None = None
+        self._exited: asyncio.Future[None] | None = None
+        self._log_from = 0
+
+    @property
+    def log_file(self) -> Path:
+        return LOG_DIR / f"{self.name}.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    async def launch(self) -> None:
+        self.prepare()
+        self.xml_path.write_text(domain_xml(self.spec, self.role, self.paths, self.rrfile,
+                                            self.loadvm))
+        try:
+            self._log_from = self.log_file.stat().st_size
+        except OSError:
+            self._log_from = 0
+        self._session = VirshSession(self.uri)
+        await self._session.open()
+        try:
+            await self._session.run("create", "--autodestroy", str(self.xml_path),
+                                    timeout=CREATE_TIMEOUT)
+            self._pid = int((PID_DIR / f"{self.name}.pid").read_text())
+        except (LibvirtError, OSError, ValueError):
+            await self._session.close()
+            raise
+        self.ps = psutil.Process(self._pid)
+        self._watch_exit(self._pid)
+        log.info("qemu started", extra={"event": "qemu-started", "role": self.role.value,
+                                        "pid": self._pid, "domain": self.name})
+
+    def _watch_exit(self, pid: int) -> None:
+        """Resolve `_exited` when QEMU ends (a pidfd turns readable; it is not our child)."""
+        loop = asyncio.get_running_loop()
+        self._exited = loop.create_future()
+        pidfd = os.pidfd_open(pid)
+
+        def ended() -> None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+            if not self._exited.done():
+                self._exited.set_result(None)
+
+        loop.add_reader(pidfd, ended)
 
     def running(self) -> bool:
-        return self.name in virsh("list", "--name").split()
+        return self._exited is not None and not self._exited.done()
 
-    def pid(self) -> int:
-        """QEMU's PID, as libvirtd recorded it."""
-        return int((PID_DIR / f"{self.name}.pid").read_text())
+    async def wait(self) -> int:
+        """0 when libvirt says QEMU was shut down or destroyed, 1 for any other end."""
+        assert self._exited is not None
+        await asyncio.shield(self._exited)
+        if self.returncode is None:
+            reason = await self._stop_reason()
+            self.returncode = 0 if reason in CLEAN_STOPS else 1
+            log.info("qemu ended", extra={"event": "qemu-ended", "role": self.role.value,
+                                          "domain": self.name, "reason": reason})
+        return self.returncode
 
-    def destroy(self) -> None:
-        """Stop QEMU at once (libvirt's SIGTERM then SIGKILL); no error if it is gone."""
-        if self.running():
-            virsh("destroy", self.name)
+    async def _stop_reason(self, timeout: float = 10.0) -> str:
+        """libvirt's reason for the stop, from the domain's log (written as it cleans up)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            try:
+                with open(self.log_file, errors="replace") as f:
+                    f.seek(self._log_from)
+                    found = STOP_REASON.findall(f.read())
+            except OSError:
+                found = []
+            if found:
+                return found[-1]
+            if asyncio.get_running_loop().time() > deadline:
+                return "unknown"
+            await asyncio.sleep(0.1)
 
-    def native_argv(self) -> list[str]:
-        """The QEMU command line libvirt runs for this domain (`virsh domxml-to-native`)."""
-        return virsh("domxml-to-native", "qemu-argv", str(self.xml_path)).split()
+    def _signal(self, sig: int) -> None:
+        assert self._pid is not None
+        os.kill(self._pid, sig)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        await super().stop(timeout)
+        if self._session is not None:
+            await self._session.close()
 
 
 def cmd_libvirt(args: argparse.Namespace) -> int:

@@ -182,7 +182,7 @@ def _plugin(name: str, *plugin_args: str) -> list[str]:
     return ["-plugin", ",".join([str(plugin), *plugin_args])]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child: get SIGKILL when the controller dies, so no QEMU outlives it;
     and run at normal priority even if the controller runs above it."""
     PR_SET_PDEATHSIG = 1
@@ -236,7 +236,7 @@ class Machine:
         with open(self.paths.qemu_log, "wb") as qlog:
             self.process = await asyncio.create_subprocess_exec(
                 *self.args, stdin=subprocess.DEVNULL, stdout=qlog, stderr=qlog,
-                preexec_fn=_die_with_parent)
+                preexec_fn=die_with_parent)
         self.ps = psutil.Process(self.process.pid)
         log.info("qemu started", extra={"event": "qemu-started", "role": self.role.value,
                                         "pid": self.process.pid})
@@ -270,9 +270,14 @@ class Machine:
             self._qmp = client
         return self._qmp
 
+    @property
+    def log_file(self) -> Path:
+        """Where QEMU's stderr goes."""
+        return self.paths.qemu_log
+
     def stderr_tail(self, lines: int = 5) -> str:
         try:
-            text = self.paths.qemu_log.read_text(errors="replace").strip()
+            text = self.log_file.read_text(errors="replace").strip()
         except OSError:
             return ""
         return " | ".join(text.splitlines()[-lines:])
@@ -283,17 +288,19 @@ class Machine:
         except psutil.Error:
             return 0.0
 
+    def _signal(self, sig: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(sig)
+
     def terminate(self) -> None:
         """Ask QEMU to shut down (SIGTERM: under record it logs the shutdown)."""
         if self.running():
-            assert self.process is not None
-            self.process.terminate()
+            self._signal(signal.SIGTERM)
 
     def kill(self) -> None:
         """Stop QEMU at once (SIGKILL): this side must not run the guest any more."""
         if self.running():
-            assert self.process is not None
-            self.process.kill()
+            self._signal(signal.SIGKILL)
 
     async def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `timeout`; always reaps the process."""
@@ -305,14 +312,24 @@ class Machine:
             self._qmp = None
         if not self.running():
             return
-        assert self.process is not None
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
-                self.process.send_signal(sig)
+                self._signal(sig)
             except ProcessLookupError:
                 break
             try:
-                await asyncio.wait_for(self.process.wait(), timeout)
+                await asyncio.wait_for(self.wait(), timeout)
                 return
             except TimeoutError:
                 continue
+
+
+def for_config(config: FTConfig, image: GuestImage, role: Role, run_dir: Path, rrfile: Path,
+               loadvm: str | None = None) -> Machine:
+    """A controller's QEMU, started as `vm.launcher` says: by the controller or by libvirt."""
+    spec = VMSpec.from_config(config, image)
+    if config.vm.launcher == "libvirt":
+        from .libvirt_domain import LibvirtMachine   # it builds on this module
+        return LibvirtMachine(spec, role, run_dir, rrfile=rrfile, loadvm=loadvm,
+                              uri=config.vm.libvirt_uri)
+    return Machine(spec, role, run_dir, rrfile=rrfile, loadvm=loadvm)

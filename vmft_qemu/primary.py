@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Coroutine
 
-from . import go_live, metrics, reprotect
+from . import go_live, machine, metrics, reprotect
 from . import log_channel as lc
 from .config import FTConfig
 from .events import Stateful, emit
@@ -36,7 +36,7 @@ from .failure_detector import FailureDetector
 from .images import GuestImage
 from .lag_control import LagControl, Throttle
 from .log_pipe import open_fifo
-from .machine import Machine, Role, VMSpec
+from .machine import Role
 from .output_gate import OutputGate
 from .replay_log import REPLAY_VERSION, ReplayLogReader
 from .status import RateMeter
@@ -143,8 +143,8 @@ class PrimaryController(Stateful):
         self.run_dir = side.run_dir
         self.tap_name = side.tap
         self.metrics_port = side.metrics_port
-        self.machine = Machine(VMSpec.from_config(config, image), Role.RECORD,
-                               self.run_dir, rrfile=self.run_dir / "record.fifo", loadvm=resume)
+        self.machine = machine.for_config(config, image, Role.RECORD, self.run_dir,
+                                          self.run_dir / "record.fifo", loadvm=resume)
         self.alone = resume is not None
         self.exit_code: int | None = None
         self.detector = FailureDetector(config, "primary")
