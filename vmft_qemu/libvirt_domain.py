@@ -347,7 +347,9 @@ def add_cli(sub: Any) -> None:
                     "line vmft runs itself: libvirt's own elements for name, memory, machine, "
                     "CPU and kernel, everything else (the -icount record/replay options, "
                     "drives, chardevs, QMP, NIC, plugins) unchanged as <qemu:commandline> "
-                    "arguments.  `virsh create` starts it; it then shows in `virsh list`.")
+                    "arguments.  With [vm] launcher = \"libvirt\" the controllers create it "
+                    "themselves (as vmft-VM-primary / vmft-VM-backup in `virsh list`); this "
+                    "prints it to read, or to run by hand with `virsh create`.")
     p.add_argument("action", choices=["xml"])
     p.add_argument("--config", type=Path, required=True, help="the pair's TOML file")
     p.add_argument("--role", choices=["primary", "backup"], required=True)
