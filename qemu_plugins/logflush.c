@@ -33,16 +33,25 @@
  *    QEMU itself uses for a halted vCPU when a virtual timer is re-armed
  *    (qemu_timer_notify_cb), so the recording only gains loop iterations of
  *    the kind it already has many of.  Measured, it cut the wait from 2.2 ms
- *    to 0.6 ms (median) and a counter request by ~10 ms.  But each kick is a
- *    checkpoint the backup must replay, and with it on an FT pair's backup
- *    once fell behind by 0.5 s per second of idle guest (not yet shown to be
- *    the kick's doing).  So it is off unless `kick=on`.
+ *    to 0.6 ms (median) and a counter request by ~10 ms.  The thread kicks,
+ *    waits an eighth of the interval and then flushes, so the checkpoint
+ *    the kick makes the vCPU log leaves in the same round.
+ *
+ * 3. The replay must wake the same way.  Each wake-up of an idle recording
+ *    logs a checkpoint (CHECKPOINT_CLOCK_WARP_ACCOUNT) that only the
+ *    replaying vCPU thread can consume, and nothing in a replaying QEMU
+ *    wakes its halted vCPU for it before the main loop's warp timer runs
+ *    out, which is up to the guest's next timer: measured, an idle pair
+ *    whose recording alone kicked fell behind 8 s in 30 s (throttled at
+ *    0.88); with the replay kicking too it stayed 22 ms behind (median).
+ *    So the backup's QEMU loads this plugin too.  Waking a replay is
+ *    harmless: it consumes only what the log says, when the log says so.
  *
  * The plugin registers no instrumentation: translation and guest execution
- * are unchanged, every input stays in the log at the instruction it was
- * delivered at, and a recording made with it replays without it.
+ * are unchanged, and every input stays in the log at the instruction it was
+ * delivered at.
  *
- * Usage: -plugin liblogflush.so,interval_us=2000[,kick=off|on]
+ * Usage: -plugin liblogflush.so,interval_us=2000[,kick=on|off]
  */
 
 #include <errno.h>
@@ -59,9 +68,9 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 
 static atomic_bool stopping;
 static pthread_t flusher;
-static struct timespec interval;
+static struct timespec interval, before_kick, settle;
 static qemu_plugin_id_t self;
-static bool kick; /* off by default: see 2. above */
+static bool kick = true; /* 2. and 3. above */
 
 /* Never called in system emulation: registering it only changes the event mask. */
 static void no_syscall(qemu_plugin_id_t id, unsigned int vcpu_index, int64_t num,
@@ -72,20 +81,30 @@ static void no_syscall(qemu_plugin_id_t id, unsigned int vcpu_index, int64_t num
     (void)a4, (void)a5, (void)a6, (void)a7, (void)a8;
 }
 
+static void sleep_for(struct timespec span)
+{
+    while (nanosleep(&span, &span) == -1 && errno == EINTR) {
+        continue;
+    }
+}
+
 static void *flush_forever(void *unused)
 {
     (void)unused;
     bool registered = false;
     while (!atomic_load(&stopping)) {
-        struct timespec left = interval;
-        while (nanosleep(&left, &left) == -1 && errno == EINTR) {
-            continue;
-        }
-        fflush(NULL);
         if (kick) {
+            /* Wake the vCPU, then give it `settle` to log what it delivers
+             * (a checkpoint, the queued inputs), so this round's flush
+             * carries them rather than the next one's. */
+            sleep_for(before_kick);
             registered = !registered;
             qemu_plugin_register_vcpu_syscall_cb(self, registered ? no_syscall : NULL);
+            sleep_for(settle);
+        } else {
+            sleep_for(interval);
         }
+        fflush(NULL);
     }
     return NULL;
 }
@@ -127,6 +146,11 @@ static long parse_args(int argc, char **argv)
     return us;
 }
 
+static struct timespec span_us(long us)
+{
+    return (struct timespec){.tv_sec = us / 1000000, .tv_nsec = (us % 1000000) * 1000};
+}
+
 QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info,
                                            int argc, char **argv)
 {
@@ -139,8 +163,9 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         return -1;
     }
     self = id;
-    interval.tv_sec = us / 1000000;
-    interval.tv_nsec = (us % 1000000) * 1000;
+    interval = span_us(us);
+    settle = span_us(us / 8);
+    before_kick = span_us(us - us / 8);
     if (pthread_create(&flusher, NULL, flush_forever, NULL) != 0) {
         fprintf(stderr, "logflush: cannot start the flush thread\n");
         return -1;

@@ -164,7 +164,10 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
             mode = "record" if role is Role.RECORD else "replay"
             icount += f",rr={mode},rrfile={rrfile}"
         args += ["-icount", icount]
-    if role is Role.RECORD and spec.log_flush_us:
+    if role in (Role.RECORD, Role.REPLAY) and spec.log_flush_us:
+        # Both sides wake their vCPU every interval (logflush.c): the recording
+        # so that queued inputs reach the guest at once, the replay so that it
+        # reaches the checkpoints those wake-ups logged at the same pace.
         args += _plugin("logflush", f"interval_us={spec.log_flush_us}")
     if role is Role.RECORD and spec.throttle:
         # Only the recording is throttled; the replay needs no plugin.
