@@ -47,7 +47,7 @@ an error naming its key and what is allowed.
     heartbeat_ms = 50             # UDP heartbeats to the partner this often
     heartbeat_port = 7401         # UDP port at backup.address; the backup answers the
                                   # primary's heartbeats at the address they came from
-    timeout_ms = 1000             # partner silent (UDP and log channel) this long: failed
+    timeout_ms = 600              # partner silent (UDP and log channel) this long: failed
     channel_grace_ms = 3000       # heartbeats but no log channel this long: failed too
 
     [lock]
@@ -279,7 +279,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "failure": {
         "heartbeat_ms": (_int_range(10, 10_000), 50),
         "heartbeat_port": (_int_range(1, 65535), 7401),
-        "timeout_ms": (_int_range(50, 600_000), 1000),
+        "timeout_ms": (_int_range(50, 600_000), 600),
         "channel_grace_ms": (_int_range(100, 600_000), 3000),
     },
     "lock": {
