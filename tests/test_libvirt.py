@@ -8,7 +8,8 @@ whose two QEMUs are libvirt domains (`vm.launcher = "libvirt"`), sees both
 in `virsh list`, the backup's console follow the primary's, and a failover
 when the primary's controller is killed: libvirt destroys its domain and
 the backup's recording QEMU, from the go-live snapshot, is the new
-vmft-VM-primary.  It stops everything it started by PID.
+vmft-VM-primary, which a SIGTERM then shuts down cleanly (exit status 0).
+It stops everything it started by PID.
 """
 
 from __future__ import annotations
@@ -205,6 +206,11 @@ def test_an_ft_pair_under_libvirt_shows_in_virsh_and_fails_over(tmp_path: Path, 
         before = len(ticks(pair.console("backup")))
         wait_for(lambda: len(ticks(pair.console("backup"))) > before + 1, 60,
                  "the guest to tick on under the new primary")
+
+        # A clean stop of the VM running alone: libvirt's reason "shutdown" is exit status 0.
+        pair.procs["backup"].send_signal(signal.SIGTERM)
+        assert pair.wait_exit("backup", 60) == 0, pair.output("backup")[-2000:]
+        assert primary not in domains()
     finally:
         pair.stop()
     assert not {primary, backup} & set(lv.virsh("list", "--all", "--name").split())
