@@ -27,8 +27,9 @@ WRITES = 300  # counter increments, each synced to the guest's root disk
 
 # Open (issue 5): with the full guest (busy root disk, NIC) the joined replay
 # has read nothing past the join point in every run so far, while a hand
-# experiment without the NIC replayed in lock-step; see
-# /work/shared/qemu-rr-facts.md.  Both tests run to that point and fail there.
+# experiment without the NIC replayed in lock-step.  The loaded replay holds
+# a virtual-clock timer the recording had not (README, re-protection status).
+# Both tests run to that point and fail there.
 JOIN_OPEN = pytest.mark.skip(reason="issue 5 open: the joined replay does not advance "
                              "past the join point with the full guest yet")
 
