@@ -23,7 +23,8 @@
  * Talking to the controller: a 24-byte file in the run directory that the
  * controller creates before starting QEMU and both sides mmap
  * (`vmft_qemu/lag_control.py`, `Throttle`).  The controller stores
- * `share_ppm`; the plugin adds to `slept_ns`.  Aligned 32- and 64-bit words, read and written atomically: no syscall, no thread, no
+ * `share_ppm`; the plugin adds to `slept_ns`.  Aligned 32- and 64-bit
+ * words, read and written atomically: no syscall, no thread, no
  * protocol in the hot path, and a value the controller sets holds until it
  * sets another (a socket would need a reader thread in QEMU and a framing).
  *

@@ -62,9 +62,15 @@ class CappedJsonLines:
 
     def __init__(self, path: Path, max_bytes: int) -> None:
         self.path = path
-        self.older = path.with_suffix(".1" + path.suffix)
+        self.older = path.with_name(self.older_name(path.name))
         self.max_bytes = max_bytes
         self._file = open(path, "a", buffering=1)
+
+    @staticmethod
+    def older_name(name: str) -> str:
+        """Where NAME.jsonl's older records are: NAME.1.jsonl."""
+        stem, dot, suffix = name.rpartition(".")
+        return f"{stem}.1.{suffix}" if dot else f"{name}.1"
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, default=str) + "\n")

@@ -35,7 +35,8 @@ log = logging.getLogger(__name__)
 
 SAMPLE_PERIOD_S = 0.5
 SAMPLES_NAME = "metrics.jsonl"
-OLDER_SAMPLES_NAME = "metrics.1.jsonl"  # the samples before, once SAMPLES_NAME was full (CappedJsonLines)
+# The samples before, once SAMPLES_NAME was full.
+OLDER_SAMPLES_NAME = CappedJsonLines.older_name(SAMPLES_NAME)
 SAMPLES_MAX_BYTES = 32 << 20  # ~1 KiB a sample: 4 to 8 hours kept, in two files
 UNSAMPLED = ("errors",)  # in the status, not worth repeating twice a second
 

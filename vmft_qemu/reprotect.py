@@ -13,7 +13,10 @@ on from exactly that point.  Here:
    runs).  The *join point* is the first event after them, once the guest
    runs again (`take_join_point`, `LogTap`): a replay started inside them,
    with vmft's full guest, stood still there (QMP answering, one stdio
-   buffer of log read; likely waiting for a host-clock timer it lacks).
+   buffer of log read).  Open (issue 5): a replay loaded from the snapshot
+   holds virtual-clock timers the recording had not at that icount (one is
+   virtio-net's announce timer, armed by its post_load), so it stalls within
+   a few events of the join point; see README, re-protection status.
 2. `savevm vmft-join` writes an internal snapshot into every qcow2 the VM has
    (the VM state into the snapshot drive, the disk's blocks into the disk),
    and the guest runs on (`cont`).  Everything the recording logs from then on
