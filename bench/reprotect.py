@@ -5,8 +5,9 @@ and went on alone) while a client on the LAN keeps incrementing its counter,
 each increment synced to the guest's root disk.  Each round starts a standby
 (`vmft protect`) on another host, lets the primary join it, and records:
 
-    pause_s          the guest was stopped (stop, join point, savevm, cont)
+    pause_s          the guest was stopped (stop, savevm, new recording, cont)
     savevm_s         of which savevm
+    restart_s        of which the new recording's start from the snapshot
     state_mib        VM state + disk delta shipped over the log channel
     state_s          join start -> the state is on the new host
     protected_s      join start -> output held for the new backup's ACKs again
@@ -18,9 +19,6 @@ each increment synced to the guest's root disk.  Each round starts a standby
 Then the plug is pulled on the new backup's host, the primary goes on alone,
 and the next round joins a standby on the other spare host.  Results:
 bench/results/reprotect.json and reprotect.md.
-
-Not run to the end yet (issue 5 open): the joined replay does not advance
-past the join point with this guest, so the lock-step wait times out.
 """
 
 from __future__ import annotations
@@ -62,6 +60,7 @@ def one_join(vm: SpareHosts, standby: str) -> dict[str, Any]:
     join_t0 = joined["time"] - joined["protected_s"]
     return {
         "standby": standby, "pause_s": joined["pause_s"], "savevm_s": joined["savevm_s"],
+        "restart_s": joined["restart_s"],
         "state_mib": round(joined["state_bytes"] / 2**20, 1), "state_s": joined["state_s"],
         "protected_s": joined["protected_s"], "lockstep_s": round(lockstep - join_t0, 3),
         "log_kib": round((joined.get("log_bytes") or 0) / 1024, 1),
@@ -95,7 +94,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="vmft-bench-reprotect-") as tmp:
         rounds = run(args.rounds, Path(tmp))
-    keys = ["pause_s", "savevm_s", "state_mib", "state_s", "protected_s", "lockstep_s",
+    keys = ["pause_s", "savevm_s", "restart_s", "state_mib", "state_s", "protected_s", "lockstep_s",
             "log_kib", "client_p50_ms", "client_max_ms"]
     summary = {k: {"median": statistics.median(r[k] for r in rounds),
                    "max": max(r[k] for r in rounds)} for k in keys}

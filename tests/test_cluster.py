@@ -312,9 +312,8 @@ def test_cluster_runs_a_vm_on_two_hosts_and_survives_pulling_the_primary_host(
     nothing_lost_and_stopped_cleanly(pair_lab, client)
 
 
-@pytest.mark.skip(reason="issue 5 open: a backup that joins a VM with the guest's NIC "
-                  "does not replay past the join point, so the re-protected pair never "
-                  "catches up (tests/test_reprotect.py)")
+@pytest.mark.skip(reason="issue 5 open: re-protection after a takeover is a join from a primary "
+                  "that went live, which stalls at the join point (tests/test_reprotect.py)")
 @pytest.mark.qemu
 def test_cluster_reprotects_onto_the_third_host_after_pulling_the_primary_host(lab: Lab) -> None:
     vm = start_protected(lab, ["a", "b", "c"], "primary on a, backup on b, standby on c")

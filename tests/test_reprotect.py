@@ -1,7 +1,7 @@
 """Re-protection: a new backup joins a VM that runs alone (`vmft_qemu/reprotect.py`).
 
 Without a VM: the state transfer over a real TCP log channel, the disk as of
-the join snapshot, where the join point lies in a stopped recording's log.
+the join snapshot, where the replay's placeholder goes.
 With real QEMU, the real guest and netns hosts: a standby joins a VM running
 alone while the guest writes to disk, and five failures in a row each
 followed by automatic re-protection onto the spare host.
@@ -19,19 +19,19 @@ import pytest
 
 from vmft_qemu import disk_identity, reprotect
 from vmft_qemu import log_channel as lc
-from vmft_qemu.replay_log import CLOCK_VIRTUAL_RT, INSTRUCTION, version_bytes
+from vmft_qemu.replay_log import CLOCK_VIRTUAL_RT, INSTRUCTION
 from vmft_qemu.pair import SpareHosts, wait_for
 from vmft_qemu.topology import GUEST_IP, Topology
 
 WRITES = 300  # counter increments, each synced to the guest's root disk
 
-# Open (issue 5): with the full guest (busy root disk, NIC) the joined replay
-# has read nothing past the join point in every run so far, while a hand
-# experiment without the NIC replayed in lock-step.  The loaded replay holds
-# a virtual-clock timer the recording had not (README, re-protection status).
-# Both tests run to that point and fail there.
-JOIN_OPEN = pytest.mark.skip(reason="issue 5 open: the joined replay does not advance "
-                             "past the join point with the full guest yet")
+# Open (issue 5): a join from a primary that itself went live (its recording
+# descends from a go-live snapshot, which a replay saved) stalls: the new
+# backup's replay stands at the join point.  A join from a primary that booted
+# passes (the test above).  Clearing the snapshot's saved "event read ahead"
+# flag, which a replay-saved snapshot passes down, was tried and is not enough.
+AFTER_GO_LIVE_OPEN = pytest.mark.skip(reason="issue 5 open: a join from a primary that went "
+                                      "live stalls at the join point (README, re-protection)")
 
 
 def _qemu_img(*args: str) -> str:
@@ -56,7 +56,7 @@ def test_the_state_travels_the_log_channel_and_the_disk_is_the_snapshots(tmp_pat
     vmstate.write_bytes(bytes(range(256)) * 9000)  # any bytes: it travels as it is
     files = reprotect.state_files(vmstate, disk, tmp_path / "export.qcow2")
     point = reprotect.JoinPoint(offset=1234, icount=5678, pause_s=0.1, savevm_s=0.05,
-                                savevm_attempts=1)
+                                restart_s=0.04, savevm_attempts=1)
     received = tmp_path / "backup"
     received.mkdir()
 
@@ -112,25 +112,23 @@ def test_a_damaged_state_file_is_refused(tmp_path: Path) -> None:
             {"epoch": 2, "files": [{"name": "../x", "size": 1, "sha256": ""}]})))
 
 
-def test_the_join_point_is_where_the_stopped_clock_groups_end() -> None:
-    def clock(kind: int, value: int) -> bytes:
-        return bytes([kind]) + value.to_bytes(8, "big")
+def test_the_placeholder_goes_right_after_the_machines_creation() -> None:
+    """The replay drops the event kind it read ahead as it loads the snapshot:
+    the placeholder fills that place, after the creation events, however the
+    log arrives in pieces."""
+    log = reprotect.CREATION_EVENTS + bytes([CLOCK_VIRTUAL_RT]) + (5).to_bytes(8, "big")
+    whole = reprotect.LoadSplice()(log)
+    assert whole == reprotect.CREATION_EVENTS + bytes([reprotect.PLACEHOLDER_KIND]) + log[2:]
+    # One event kind that nothing consumes and that has no payload to read.
+    assert reprotect.PLACEHOLDER_KIND not in (INSTRUCTION, CLOCK_VIRTUAL_RT)
+    splice = reprotect.LoadSplice()
+    pieces = [splice(log[:1]), splice(log[1:2]), splice(log[2:5]), splice(log[5:])]
+    assert pieces[0] == log[:1] and b"".join(pieces) == whole
 
-    stopped = bytes([reprotect.CHECKPOINT_CLOCK_HOST]) + clock(28, 5) + clock(28, 6)
-    resumed = bytes([reprotect.CHECKPOINT_FIRST + 1]) + bytes([INSTRUCTION]) + (7).to_bytes(4, "big")
-    tap = reprotect.LogTap(1000, 42)
-    tap.take(1000, stopped + stopped)
-    assert tap.resumed_at() is None  # still stopped
-    tap.take(1000 + 2 * len(stopped), resumed)
-    assert tap.resumed_at() == 1000 + 2 * len(stopped)
-    assert tap.since(tap.resumed_at()) == resumed
 
-
-def test_the_replay_reads_the_placeholder_before_the_snapshot_is_loaded() -> None:
-    prefix = reprotect.feed_prefix()
-    assert prefix[:4] == version_bytes() and len(prefix) == 5
-    # One event kind with no payload to read and that nothing consumes at start-up.
-    assert prefix[4] not in (INSTRUCTION, CLOCK_VIRTUAL_RT)
+def test_a_log_that_does_not_start_with_the_creation_is_refused() -> None:
+    with pytest.raises(reprotect.JoinError, match="machine's creation"):
+        reprotect.LoadSplice()(bytes([INSTRUCTION]) + (7).to_bytes(4, "big"))
 
 
 def contiguous_in(lines: list[str], within: list[str]) -> bool:
@@ -144,7 +142,6 @@ def event(vm: SpareHosts, host: str, name: str) -> dict:
     return found[-1]
 
 
-@JOIN_OPEN
 @pytest.mark.qemu
 def test_a_standby_joins_while_the_guest_writes_to_disk(tmp_path: Path, image) -> None:
     with Topology(hosts=2) as topo:
@@ -207,7 +204,7 @@ def same_disks(vm: SpareHosts, primary: str, backup: str) -> bool:
     return digests[0].differing(digests[1]) == []
 
 
-@JOIN_OPEN
+@AFTER_GO_LIVE_OPEN
 @pytest.mark.qemu
 def test_five_failures_each_followed_by_automatic_reprotection(tmp_path: Path, image) -> None:
     """Three hosts; each cycle pulls the plug on one host of the pair (the
@@ -243,9 +240,9 @@ def test_five_failures_each_followed_by_automatic_reprotection(tmp_path: Path, i
                       f"{joined}")
                 assert joined["epoch"] == cycle + 1
                 # The log reader counts instructions as QEMU does, also on a primary
-                # resumed from go-live (its log counts on from the snapshot's icount):
-                # the join point (reader) is a few seconds of guest time before the
-                # icount QMP gave when output was held again (at 8 ns per instruction).
+                # restarted from the join snapshot (its log counts on from the
+                # snapshot's icount): the join point is a few seconds of guest time
+                # before the icount QMP gave when output was held again (8 ns each).
                 assert 0 <= joined["released_to"] - joined["icount"] < 2_000_000_000
                 wait_for(lambda: vm.status(victim).get("state") == "standby", 60,
                          "the dead host back as a standby")

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import os
 import socket
-from typing import Any
+from typing import Any, Callable
 
 from . import go_live, machine, metrics, reprotect
 from . import log_channel as lc
@@ -123,10 +123,13 @@ class BackupController(Stateful):
         self.standby = standby
         self.machine = machine.for_config(config, image, Role.REPLAY, self.run_dir,
                                           self.run_dir / "replay.fifo",
-                                          loadvm=reprotect.JOIN_SNAPSHOT if standby else None)
+                                          rrsnapshot=reprotect.JOIN_SNAPSHOT if standby else None)
         self.reader = ReplayLogReader()
         self._fifo = -1
         self._joining: reprotect.StateReceiver | None = None
+        # What the log goes through on its way into the replay pipe: a replay
+        # from the join snapshot needs a placeholder (`reprotect.LoadSplice`).
+        self._splice: Callable[[bytes], bytes] = lambda data: data
         self._state_ready = asyncio.Event()
         # Go live only with the log up to this icount (None: the primary has
         # not said PROTECT yet, so this standby must never go live).
@@ -253,7 +256,7 @@ class BackupController(Stateful):
             else self.reader.safe_point
         cut = len(data) - (self.reader.offset - offset)
         if cut > 0:
-            self.feeder.put(data[:cut], offset, icount)
+            self.feeder.put(self._splice(data[:cut]), offset, icount)
         self._unfed = data[max(cut, 0):]
 
     def _take_state(self, frame: lc.Frame) -> None:
@@ -274,8 +277,8 @@ class BackupController(Stateful):
             raise lc.ProtocolMismatch("STATE frame without a JOIN first")
         self._joining.take(frame)
         if self._joining.complete:
-            self.feeder = ReplayFeeder(self._fifo, self._joining.offset, self._joining.icount,
-                                       reprotect.feed_prefix())
+            self.feeder = ReplayFeeder(self._fifo, self._joining.offset, self._joining.icount)
+            self._splice = reprotect.LoadSplice()
             self._state_ready.set()
 
     async def _ack(self, sender: lc.Sender, flags: int = 0) -> None:

@@ -70,7 +70,8 @@ def _run_side(args: argparse.Namespace, role: str) -> int:
     async def serve(controller: PrimaryController | BackupController) -> Any:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, controller.machine.terminate)
+            # Whichever QEMU runs then (a join replaces the primary's).
+            loop.add_signal_handler(sig, lambda: controller.machine.terminate())
         return await controller.run()
 
     async def main() -> int:

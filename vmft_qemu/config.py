@@ -18,6 +18,9 @@ an error naming its key and what is allowed.
                                   # libvirt: libvirtd runs it as a transient domain
                                   # vmft-NAME-primary / -backup (shows in virsh list)
     libvirt_uri = "qemu:///system"  # launcher "libvirt": this host's libvirtd
+    rtc_base = "2026-01-01T00:00:00"  # the guest's RTC date at its first boot (UTC); it
+                                  # then runs with the guest's virtual time (both sides
+                                  # must agree, and QEMU's start date is not in the log)
 
     [primary]
     run_dir = "/run/vmft/demo/primary"
@@ -95,6 +98,7 @@ class VMConfig:
     ip: str
     launcher: str
     libvirt_uri: str
+    rtc_base: str
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,9 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
                                 "a local system URI of libvirt's QEMU driver, e.g. "
                                 "qemu:///system (QEMU must run where its controller does)"),
                         "qemu:///system"),
+        "rtc_base": (_string(r"\d{4}-\d{2}-\d{2}(T\d{2}:\d{2}:\d{2})?",
+                             "a UTC date like 2026-01-01 or 2026-01-01T00:00:00"),
+                     "2026-01-01T00:00:00"),
     },
     "primary": {
         "run_dir": (_path, "/run/vmft/demo/primary"),

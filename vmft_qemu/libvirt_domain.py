@@ -108,9 +108,10 @@ def split_args(args: list[str]) -> tuple[dict[str, str], list[str]]:
 
 
 def domain_xml(spec: VMSpec, role: Role, paths: MachinePaths, rrfile: Path | None = None,
-               loadvm: str | None = None) -> str:
+               loadvm: str | None = None, rrsnapshot: str | None = None,
+               paused: bool = False) -> str:
     """The libvirt domain of this VM's QEMU in `role`, from `command_line()`."""
-    argv = command_line(spec, role, paths, rrfile, loadvm)
+    argv = command_line(spec, role, paths, rrfile, loadvm, rrsnapshot, paused)
     native, rest = split_args(argv[1:])
     emulator = shutil.which(argv[0]) or argv[0]
     domain = ET.Element("domain", type="qemu")
@@ -248,7 +249,7 @@ class LibvirtMachine(Machine):
     async def launch(self) -> None:
         self.prepare()
         self.xml_path.write_text(domain_xml(self.spec, self.role, self.paths, self.rrfile,
-                                            self.loadvm))
+                                            self.loadvm, self.rrsnapshot, self.paused))
         try:
             self._log_from = self.log_file.stat().st_size
         except OSError:

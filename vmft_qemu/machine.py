@@ -57,6 +57,7 @@ class VMSpec:
     tap: str | None = None  # NIC straight on this TAP: a baseline without FT
     log_flush_us: int = 0  # record side: flush the replay log this often (0: never)
     throttle: bool = False  # record side: load the throttle plugin for lag control
+    rtc_base: str = "2026-01-01T00:00:00"  # the guest's RTC at its first boot (UTC)
 
     @classmethod
     def from_config(cls, config: FTConfig, image: GuestImage) -> "VMSpec":
@@ -64,7 +65,8 @@ class VMSpec:
         return cls(name=vm.name, memory_mib=vm.memory_mib, image=image,
                    workload=vm.workload, icount_shift=vm.icount_shift, disk=vm.disk,
                    qemu=vm.qemu, mac=vm.mac or None, ip=vm.ip or None,
-                   log_flush_us=config.primary.log_flush_us, throttle=config.lag.control)
+                   log_flush_us=config.primary.log_flush_us, throttle=config.lag.control,
+                   rtc_base=vm.rtc_base)
 
     @property
     def append(self) -> str:
@@ -117,10 +119,14 @@ class MachinePaths:
 
 
 def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
-                 rrfile: Path | None = None, loadvm: str | None = None) -> list[str]:
+                 rrfile: Path | None = None, loadvm: str | None = None,
+                 rrsnapshot: str | None = None, paused: bool = False) -> list[str]:
     """QEMU's arguments for `spec` in `role`; identical devices in every role.
 
-    With `loadvm`, the guest resumes from that snapshot (taken by `go_live`)."""
+    With `loadvm`, the guest resumes from that snapshot (taken by `go_live` or
+    `reprotect`).  `rrsnapshot`: the snapshot QEMU's record/replay starts from
+    (a recording saves it as it starts, a replay loads it: `reprotect`);
+    `paused`: the guest waits for QMP `cont`."""
     args = [
         spec.qemu, "-name", spec.name, "-machine", "q35", "-cpu", "qemu64",
         "-m", str(spec.memory_mib), "-nodefaults", "-no-user-config",
@@ -129,6 +135,11 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
         "-append", spec.append,
         "-chardev", f"file,id=console,path={paths.console},append=on", "-serial", "chardev:console",
         "-qmp", f"unix:{paths.qmp},server=on,wait=off",
+        # The RTC runs on the guest's virtual clock from a fixed date: QEMU
+        # reads the host clock for its start date outside the replay log, and
+        # with the host clock every snapshot load logs clock reads, which
+        # would hide where a replay loads its snapshot (`reprotect`).
+        "-rtc", f"base={spec.rtc_base},clock=vm",
         # A qcow2 drive no device uses: where savevm puts the VM state.
         "-drive", f"file={paths.snapshots},if=none,id=rr,format=qcow2",
     ]
@@ -163,6 +174,8 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
                 raise ValueError(f"role {role.value} needs a replay log file")
             mode = "record" if role is Role.RECORD else "replay"
             icount += f",rr={mode},rrfile={rrfile}"
+            if rrsnapshot:
+                icount += f",rrsnapshot={rrsnapshot}"
         args += ["-icount", icount]
     if role in (Role.RECORD, Role.REPLAY) and spec.log_flush_us:
         # Both sides wake their vCPU every interval (logflush.c): the recording
@@ -174,6 +187,8 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
         args += _plugin("throttle", f"control={paths.throttle}")
     if loadvm:
         args += ["-loadvm", loadvm]
+    if paused:
+        args += ["-S"]
     return args
 
 
@@ -202,11 +217,14 @@ class Machine:
 
     def __init__(self, spec: VMSpec, role: Role, run_dir: Path,
                  rrfile: Path | None = None, netns: str | None = None,
-                 loadvm: str | None = None) -> None:
-        """`loadvm`: resume from that snapshot in run_dir's own disk and
-        snapshot drive (left by a replay that went live) instead of booting."""
+                 loadvm: str | None = None, rrsnapshot: str | None = None,
+                 paused: bool = False) -> None:
+        """`loadvm`, `rrsnapshot`: resume from that snapshot in run_dir's own
+        disk and snapshot drive instead of booting (see `command_line`)."""
         self.spec = spec
         self.loadvm = loadvm
+        self.rrsnapshot = rrsnapshot
+        self.paused = paused
         self.netns = netns  # run QEMU in this network namespace
         self.role = role
         self.paths = MachinePaths(run_dir)
@@ -220,7 +238,7 @@ class Machine:
         self.paths.run_dir.mkdir(parents=True, exist_ok=True)
         for stale in (self.paths.qmp, self.paths.guest_net):
             stale.unlink(missing_ok=True)
-        if self.loadvm:
+        if self.loadvm or self.rrsnapshot:
             return  # the guest carries on: same console, disk and snapshots
         for stale in (self.paths.console, self.paths.disk, self.paths.snapshots):
             stale.unlink(missing_ok=True)
@@ -231,7 +249,8 @@ class Machine:
 
     @property
     def args(self) -> list[str]:
-        args = command_line(self.spec, self.role, self.paths, self.rrfile, self.loadvm)
+        args = command_line(self.spec, self.role, self.paths, self.rrfile, self.loadvm,
+                            self.rrsnapshot, self.paused)
         return ["ip", "netns", "exec", self.netns, *args] if self.netns else args
 
     async def launch(self) -> None:
@@ -328,11 +347,13 @@ class Machine:
 
 
 def for_config(config: FTConfig, image: GuestImage, role: Role, run_dir: Path, rrfile: Path,
-               loadvm: str | None = None) -> Machine:
+               loadvm: str | None = None, rrsnapshot: str | None = None,
+               paused: bool = False) -> Machine:
     """A controller's QEMU, started as `vm.launcher` says: by the controller or by libvirt."""
     spec = VMSpec.from_config(config, image)
     if config.vm.launcher == "libvirt":
         from .libvirt_domain import LibvirtMachine   # it builds on this module
         return LibvirtMachine(spec, role, run_dir, rrfile=rrfile, loadvm=loadvm,
-                              uri=config.vm.libvirt_uri)
-    return Machine(spec, role, run_dir, rrfile=rrfile, loadvm=loadvm)
+                              rrsnapshot=rrsnapshot, paused=paused, uri=config.vm.libvirt_uri)
+    return Machine(spec, role, run_dir, rrfile=rrfile, loadvm=loadvm, rrsnapshot=rrsnapshot,
+                   paused=paused)

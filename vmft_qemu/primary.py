@@ -139,6 +139,7 @@ class PrimaryController(Stateful):
         means running alone (the partner is gone); `resume_icount`: the
         instruction count the snapshot stands at (the new log counts on from it)."""
         self.config = config
+        self.image = image
         side = config.primary if host == "primary" else config.backup
         self.run_dir = side.run_dir
         self.tap_name = side.tap
@@ -159,7 +160,9 @@ class PrimaryController(Stateful):
         self._later: list[asyncio.Task[None]] = []  # tasks started after run() began
         self._lag_task: asyncio.Task[None] | None = None
         self._join_started = 0.0
-        self._log_tap: reprotect.LogTap | None = None  # the log kept while seeking a join point
+        self._record_fd = -1  # the record pipe, which every QEMU of this controller writes
+        self._restarting = False  # a join replaces the recording QEMU (`_restart_recording`)
+        self._restarted = asyncio.Event()
         self.acked = Position()
         self.backup_replayed = Position()
         self.set_state("starting", "resuming the VM from the go-live snapshot" if resume
@@ -204,8 +207,6 @@ class PrimaryController(Stateful):
         complete = self.reader.split(data)
         if not complete:
             return
-        if self._log_tap is not None:
-            self._log_tap.take(start, complete)
         if not self.alone or self.joining:
             self.retained.append(Segment(start, complete, self.reader.icount))
             self._bound_retained()
@@ -336,8 +337,8 @@ class PrimaryController(Stateful):
         return self.config.lock.epoch
 
     async def _join(self, sender: lc.Sender, endpoint: tuple[str, int]) -> int:
-        """Take the join point and ship the state (`reprotect`); returns the log
-        offset the new backup's replay starts from."""
+        """Restart the recording from a snapshot and ship the state (`reprotect`);
+        returns the log offset the new backup's replay starts from."""
         epoch = self._join_epoch()
         if epoch is None:
             raise ChannelRefused("the backup is a standby, but this primary has had a "
@@ -347,9 +348,7 @@ class PrimaryController(Stateful):
         await self._recording.wait()
         started = self._join_started = time.monotonic()
         beat = self.config.channel.heartbeat_ms / 1000
-        point = await reprotect.with_heartbeats(sender, reprotect.take_join_point(
-            await self.machine.qmp(), self.reader, self._start_log_tap, self._retain_from,
-            settle=max(0.02, 5 * self.config.primary.log_flush_us / 1e6)), beat)
+        point = await reprotect.with_heartbeats(sender, self._restart_recording(), beat)
         paths = self.machine.paths
         files = await reprotect.with_heartbeats(sender, asyncio.to_thread(
             reprotect.state_files, paths.snapshots, paths.disk if self.machine.spec.disk else None,
@@ -368,24 +367,61 @@ class PrimaryController(Stateful):
         self.acked = Position(point.offset, point.icount)
         return point.offset
 
-    def _start_log_tap(self) -> reprotect.LogTap:
-        self._log_tap = reprotect.LogTap(self.reader.offset, self.reader.icount)
-        return self._log_tap
-
-    def _retain_from(self, offset: int, since: bytes) -> None:
-        self._log_tap = None
-        self.retained = RetainedLog()
-        self.retained.start = offset
-        if since:
-            self.retained.append(Segment(offset, since, self.reader.icount))
-        self.joining = True
-        # The new backup's replay numbers its guest's frames from the join
-        # point on: so do the digests (frames still held came before it).
-        self._digests.clear()
-        self._released = -(self.gate.held + len(self._unstamped)) if self.gate else 0
+    async def _restart_recording(self) -> reprotect.JoinPoint:
+        """Step 1 of `reprotect`: savevm, then a new recording from that snapshot,
+        whose whole log (from byte 0) is kept for the new backup."""
+        started = time.monotonic()
+        old = self.machine
+        stopped_at, attempts = await reprotect.save_join_snapshot(await old.qmp())
+        saved = time.monotonic()
+        self._restarting = True
+        loop = asyncio.get_running_loop()
+        try:
+            loop.remove_reader(self._record_fd)
+            await old.stop()
+            while True:  # the old recording's last words (its shutdown): not this VM's log
+                try:
+                    if not os.read(self._record_fd, 1 << 16):
+                        break
+                except BlockingIOError:
+                    break
+            self.machine = machine.for_config(
+                self.config, self.image, Role.RECORD, self.run_dir, old.rrfile,
+                loadvm=reprotect.JOIN_SNAPSHOT, rrsnapshot=reprotect.JOIN_SNAPSHOT, paused=True)
+            self.reader = ReplayLogReader(icount=stopped_at)
+            self.retained = RetainedLog()
+            self.joining = True
+            self._clock_marks.clear()
+            self._byte_rate = RateMeter()
+            # The new backup's replay numbers its guest's frames from the join
+            # point on: so do the digests (frames still held came before it).
+            self._digests.clear()
+            self._released = -(self.gate.held + len(self._unstamped)) if self.gate else 0
+            loop.add_reader(self._record_fd, self._on_record_readable, self._record_fd)
+            await self.machine.launch()
+            qmp = await self.machine.qmp()
+            at = (await qmp.execute("query-replay"))["icount"]
+            if at != stopped_at:
+                raise reprotect.JoinError(f"the recording restarted from the snapshot at icount "
+                                          f"{at}, not at {stopped_at} where it was taken")
+            await qmp.execute("cont")
+        except BaseException:
+            # The VM is lost: fail loudly (`run` reports the recording's end).
+            old.kill()
+            self.machine.kill()
+            raise
+        finally:
+            self._restarting = False
+            self._restarted.set()
+        done = time.monotonic()
+        point = reprotect.JoinPoint(0, stopped_at, done - started, saved - started, done - saved,
+                                    attempts)
+        emit(log, "recording", qemu_pid=self.machine.pid, resumed=reprotect.JOIN_SNAPSHOT)
+        emit(log, "join-point", **point.json())
+        return point
 
     def _end_join(self) -> None:
-        self.joining, self._log_tap = False, None
+        self.joining = False
         self.retained = RetainedLog()
         self.retained.start = self.reader.offset
         if self.state == "joining":
@@ -510,12 +546,12 @@ class PrimaryController(Stateful):
 
     async def _stamp_forever(self) -> None:
         """Stamp the guest's frames with the primary's icount, read after they arrived."""
-        qmp = await self.machine.qmp()
         assert self.gate is not None
         while True:
             await self._stamp_wanted.wait()
             self._stamp_wanted.clear()
             batch, self._unstamped = self._unstamped, []
+            qmp = await self.machine.qmp()  # a join restarts QEMU
             icount = (await qmp.execute("query-replay"))["icount"]
             for frame, arrived in batch:
                 self.gate.hold(frame, icount, arrived)
@@ -641,11 +677,23 @@ class PrimaryController(Stateful):
             self._shipping = self._task(self._ship_forever(), "re-protection")
             self._later.append(self._shipping)
 
+    async def _recording_exit(self) -> int:
+        """The recording QEMU's exit status; one a join replaced does not count."""
+        while True:
+            current = self.machine
+            if current.pid is None:
+                return 1  # the join's new recording did not start
+            code = await current.wait()
+            if current is self.machine and not self._restarting:
+                return code
+            await self._restarted.wait()
+            self._restarted.clear()
+
     async def run(self) -> int:
         """Run until the guest shuts down; returns the exit status for the CLI:
         0 after a clean shutdown, 3 when the backup won the go-live lock, 1 on failure."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = open_fifo(self.machine.rrfile)
+        fd = self._record_fd = open_fifo(self.machine.rrfile)
         loop = asyncio.get_running_loop()
         loop.add_reader(fd, self._on_record_readable, fd)
         published = await metrics.publish(self.run_dir, self.metrics_port, self.snapshot,
@@ -679,7 +727,7 @@ class PrimaryController(Stateful):
                 self.set_state("unprotected", "recording; no backup connected yet")
             if not self.alone:
                 self._start_lag_control()
-            code = await self.machine.wait()
+            code = await self._recording_exit()
             self._on_record_readable(fd)  # whatever QEMU wrote last
             emit(log, "qemu-exited", code=code, shutdown_cause=self.shutdown_cause,
                  icount=self.reader.icount, log_bytes=self.reader.offset)

@@ -1,43 +1,34 @@
 """Re-protection: a new backup joins a VM that runs alone.
 
 Paper section 3.1 (FT VMotion): after a failure, "a new backup VM is started on
-another host" by cloning the running primary: its state is taken with a pause
-of well under a second, sent to the new host, and the logging channel carries
-on from exactly that point.  Here:
+another host" by cloning the running primary: its state is taken with a short
+pause, sent to the new host, and the logging channel carries on from exactly
+that point.  QEMU can only replay from a snapshot it loaded the same way the
+recording did (loading arms timers, e.g. virtio-net's announce timer, that a
+recording which merely saved never had, and the replay then waits for clock
+checkpoints the log does not have), so both sides start from the snapshot:
 
-1. The primary pauses its guest (QMP `stop`) and waits until its log reader
-   has every event up to the instruction the guest stopped at, then a few
-   log flushes more (so nothing the running guest logged is still on its
-   way).  A stopped recording logs nothing but its main loop's timer clock
-   groups, at that same icount (QEMU logs device events only while the VM
-   runs).  The *join point* is the first event after them, once the guest
-   runs again (`take_join_point`, `LogTap`): a replay started inside them,
-   with vmft's full guest, stood still there (QMP answering, one stdio
-   buffer of log read).  Open (issue 5): a replay loaded from the snapshot
-   holds virtual-clock timers the recording had not at that icount (one is
-   virtio-net's announce timer, armed by its post_load), so it stalls within
-   a few events of the join point; see README, re-protection status.
-2. `savevm vmft-join` writes an internal snapshot into every qcow2 the VM has
-   (the VM state into the snapshot drive, the disk's blocks into the disk),
-   and the guest runs on (`cont`).  Everything the recording logs from then on
-   is kept for the new backup.  The snapshot stays until the next join's
-   `savevm` replaces it (with the guest stopped): `delvm` on the running
-   recording froze it once (its disk drain waited for a completion only the
-   running vCPU would have logged).
-3. With the guest running, the state is shipped over the log channel
+1. The primary stops its guest and `savevm vmft-join` (the VM state into the
+   snapshot drive, the disk's blocks into the disk), then replaces its QEMU:
+   the new recording loads that snapshot (`-loadvm`), saves it again as its
+   record/replay start (`rrsnapshot`, which also resets the recording's
+   counters, e.g. blkreplay's request ids, as the loading replay will have
+   them) and waits (`-S`) until its controller reads its log from byte 0 and
+   says `cont` (`save_join_snapshot`, `PrimaryController._restart_recording`).
+2. With the guest running, the state is shipped over the log channel
    (`ship_state`): the snapshot drive file as it is (nothing writes to it
-   after `savevm`), and the disk as of the snapshot, read from the running
+   after the start), and the disk as of the snapshot, read from the running
    image without locking it (`qemu-img convert -U -l`), only the clusters that
    differ from the image's backing file.
-4. The new backup starts its replaying QEMU with `-loadvm vmft-join` and
-   feeds it the log from the join point.  The snapshot's replay state holds
-   no usable log position (the recording writes into a pipe, where QEMU's
-   `ftell` fails), so its load-time `fseek` fails too and QEMU simply reads on
-   from where its stdio stream stands.  The feed therefore starts with the
-   version and one placeholder event kind, which the replaying QEMU reads
-   before it loads the snapshot (`feed_prefix`), and then the log from the
-   join point: the first byte read after the load is the join point's.
-5. Once the backup has received the log up to the present, the primary holds
+3. The new backup starts its replaying QEMU with `rrsnapshot=vmft-join` and
+   feeds it the new recording's log from byte 0.  One thing is asymmetric:
+   the replay's snapshot load drops the event kind it had read ahead (the
+   snapshot holds no usable log position: QEMU's `ftell` fails on the record
+   pipe, so its load-time `fseek` does too, and it reads on).  The recording
+   logged only the machine's creation before its load (`CREATION_EVENTS`,
+   with the RTC on the virtual clock: `machine.command_line`), so a
+   placeholder kind goes right after them (`LoadSplice`).
+4. Once the backup has received the log up to the present, the primary holds
    its output for the backup's ACKs again and sends PROTECT with the icount
    up to which it released frames alone; the backup may go live only when it
    holds the log up to there.  From then on the pair is one generation: both
@@ -60,141 +51,84 @@ from qemu.qmp import QMPClient
 
 from . import log_channel as lc
 from .events import emit
-from .replay_log import (AUDIO_OUT, CHECKPOINT_FIRST, CLOCK_FIRST, CLOCK_LAST, Event,
-                         ReplayLogReader, version_bytes)
+from .replay_log import AUDIO_OUT, CHECKPOINT_FIRST
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 JOIN_SNAPSHOT = "vmft-join"
-# The event kind the replaying QEMU reads (and drops) before loading the
-# snapshot: one no device of ours consumes while QEMU sets itself up.
+# What a recording started from a snapshot logs before it loads it: the
+# machine's creation (QEMU's CHECKPOINT_INIT and CHECKPOINT_RESET).
+CREATION_EVENTS = bytes([CHECKPOINT_FIRST + 7, CHECKPOINT_FIRST + 8])
+# The event kind the replay reads ahead, and drops, as it loads the snapshot:
+# one no device of ours consumes.
 PLACEHOLDER_KIND = AUDIO_OUT
-# The checkpoints of a main-loop iteration's clock group (QEMU's ReplayCheckpoint).
-CHECKPOINT_CLOCK_HOST = CHECKPOINT_FIRST + 5
-CHECKPOINT_CLOCK_VIRTUAL_RT = CHECKPOINT_FIRST + 6
-# What a stopped recording logs: its main loop's timer clock groups.
-STOPPED_KINDS = frozenset({CHECKPOINT_CLOCK_HOST, CHECKPOINT_CLOCK_VIRTUAL_RT,
-                           CLOCK_FIRST, CLOCK_LAST})
 STATE_CHUNK = 1 << 20
-POLL = 0.001
 
 
 class JoinError(RuntimeError):
     """The join could not be completed; the message says at which step."""
 
 
-def feed_prefix() -> bytes:
-    """What a joining backup writes into its replay pipe before the log."""
-    return version_bytes() + bytes([PLACEHOLDER_KIND])
-
-
 @dataclass(frozen=True)
 class JoinPoint:
     """Where the new backup's replay starts, and what taking it cost."""
 
-    offset: int  # log offset the replay reads first after loading the snapshot
+    offset: int  # log offset the new backup's log starts at (the new recording's start)
     icount: int  # instruction count there
     pause_s: float  # the guest was stopped this long
-    savevm_s: float
+    savevm_s: float  # of which the savevm
+    restart_s: float  # and the new recording's start from the snapshot
     savevm_attempts: int
 
     def json(self) -> dict[str, float]:
         return {"offset": self.offset, "icount": self.icount, "pause_s": round(self.pause_s, 4),
-                "savevm_s": round(self.savevm_s, 4), "savevm_attempts": self.savevm_attempts}
+                "savevm_s": round(self.savevm_s, 4), "restart_s": round(self.restart_s, 4),
+                "savevm_attempts": self.savevm_attempts}
 
 
-async def _log_reaches(reader: ReplayLogReader, icount: int, timeout: float) -> None:
-    """Wait until `reader` has the log up to instruction `icount`."""
+async def save_join_snapshot(qmp: QMPClient, timeout: float = 10.0) -> tuple[int, int]:
+    """Step 1's first half: stop the guest and `savevm vmft-join`; the guest
+    stays stopped.  Returns the icount it stopped at and the attempts taken
+    (savevm is refused while a disk completion is still queued: the guest
+    runs a moment and it is tried again)."""
     deadline = time.monotonic() + timeout
-    while reader.icount != icount:
-        if reader.icount > icount:
-            raise JoinError(f"the stopped guest's log went past icount {icount}")
-        if time.monotonic() > deadline:
-            raise JoinError(f"the log did not reach the stopped guest's icount {icount} "
-                            f"within {timeout:.0f} s (it is at {reader.icount}; log flushing "
-                            "off? primary.log_flush_us)")
-        await asyncio.sleep(POLL)
-
-
-class LogTap:
-    """The primary's log from a moment on, kept while the join point is sought.
-
-    While the guest is stopped, the recording logs only its main loop's timer
-    clock groups (CHECKPOINT_CLOCK_HOST / _VIRTUAL_RT when such timers are
-    armed, and clock reads).  The join point is the first event after them:
-    where the recording goes on once the guest runs again."""
-
-    def __init__(self, offset: int, icount: int) -> None:
-        self._reader = ReplayLogReader(offset, icount)
-        self._start = offset
-        self._data = bytearray()
-        self._events: list[Event] = []
-
-    def take(self, offset: int, data: bytes) -> None:
-        """Complete events the primary read, at log `offset`."""
-        if offset != self._reader.offset:
-            raise JoinError(f"log tap got offset {offset}, expected {self._reader.offset}")
-        self._reader.split(data, whole=True, events=self._events)
-        self._data += data
-
-    def resumed_at(self) -> int | None:
-        """Offset of the first event the recording logged once the guest ran
-        again: anything but the stopped main loop's clock groups."""
-        return next((e.offset for e in self._events if e.kind not in STOPPED_KINDS), None)
-
-    def since(self, offset: int) -> bytes:
-        return bytes(self._data[offset - self._start:])
-
-
-async def take_join_point(qmp: QMPClient, reader: ReplayLogReader,
-                          tap: Callable[[], LogTap], retain_from: Callable[[int, bytes], None],
-                          settle: float, timeout: float = 10.0) -> JoinPoint:
-    """Steps 1 and 2: stop, savevm, resume; the join point is where the
-    recording's log goes on once the guest runs again.
-
-    `settle`: how long until all the log the running guest wrote has been
-    flushed out of QEMU (a few `primary.log_flush_us`).  `tap()` makes the
-    primary keep what it reads from then on in a `LogTap`;
-    `retain_from(offset, log)` hands it the join point and the log it read
-    since (synchronously, before any later log is taken), to keep all that
-    follows for the new backup."""
-    started = time.monotonic()
     attempts = 0
-    tapped: LogTap | None = None
-    try:
-        while True:
-            attempts += 1
-            await qmp.execute("stop")
-            stopped_at = (await qmp.execute("query-replay"))["icount"]
-            await _log_reaches(reader, stopped_at, timeout)
-            await asyncio.sleep(settle)  # what follows was logged while stopped
-            tapped = tap()
-            save_start = time.monotonic()
-            out = await qmp.execute("human-monitor-command",
-                                    {"command-line": f"savevm {JOIN_SNAPSHOT}"})
-            if not out.strip():
-                break
-            # Refused while a disk completion is still queued: let it happen.
-            if "does not allow" not in out or time.monotonic() - started > timeout:
-                raise JoinError(f"savevm failed: {out.strip()}")
+    while True:
+        attempts += 1
+        await qmp.execute("stop")
+        stopped_at = (await qmp.execute("query-replay"))["icount"]
+        out = await qmp.execute("human-monitor-command",
+                                {"command-line": f"savevm {JOIN_SNAPSHOT}"})
+        if not out.strip():
+            return stopped_at, attempts
+        if "does not allow" not in out or time.monotonic() > deadline:
             await qmp.execute("cont")
-            await asyncio.sleep(0.01)
-    finally:
+            raise JoinError(f"savevm failed: {out.strip()}")
         await qmp.execute("cont")
-    done = time.monotonic()
-    # The stopped main loop's clock groups (a replay may lack the timers
-    # that logged them) are skipped: the replay starts where the guest ran on.
-    deadline = done + timeout
-    while (offset := tapped.resumed_at()) is None:
-        if time.monotonic() > deadline:
-            raise JoinError(f"the recording logged nothing after the guest ran on "
-                            f"within {timeout:.0f} s")
-        await asyncio.sleep(POLL)
-    retain_from(offset, tapped.since(offset))
-    point = JoinPoint(offset, stopped_at, done - started, done - save_start, attempts)
-    emit(log, "join-point", **point.json())
-    return point
+        await asyncio.sleep(0.01)
+
+
+class LoadSplice:
+    """Step 3's placeholder: put into the log a replay that loads the join
+    snapshot is fed, right after the creation events (whose bytes it checks)."""
+
+    def __init__(self) -> None:
+        self._seen = 0  # bytes of CREATION_EVENTS passed so far
+
+    def __call__(self, data: bytes) -> bytes:
+        """`data`: the next bytes of the new recording's log, in order."""
+        want = len(CREATION_EVENTS) - self._seen
+        if want <= 0:
+            return data
+        head = data[:want]
+        if head != CREATION_EVENTS[self._seen:self._seen + len(head)]:
+            raise JoinError(f"the new recording's log starts with {bytes(head).hex()} where the "
+                            f"machine's creation ({CREATION_EVENTS.hex()}) was expected")
+        self._seen += len(head)
+        if self._seen < len(CREATION_EVENTS):
+            return data
+        return head + bytes([PLACEHOLDER_KIND]) + data[want:]
 
 
 # --- the state: files shipped to the new backup ------------------------------------
