@@ -40,6 +40,7 @@ from .events import emit
 from .failure_detector import FailureDetector
 from . import test_and_set
 from .log_pipe import unread_bytes
+from .machine import savevm
 from .replay_log import any_block_completion, instruction_event
 
 log = logging.getLogger(__name__)
@@ -154,23 +155,13 @@ async def save_state(qmp: QMPClient, icount: int, timeout: float) -> int:
     log did not deliver; letting the VM run a moment lets the wildcard
     completions of the tail take it (the guest itself cannot move: it is
     frozen by the tail's last event)."""
-    deadline = time.monotonic() + timeout
-    attempts = 0
-    while True:
-        attempts += 1
-        await qmp.execute("stop")
-        at = (await qmp.execute("query-replay"))["icount"]
+    def at_the_end(at: int) -> None:
         if at != icount:
             raise GoLiveError(f"the replay stopped at icount {at}, not at the end of the "
                               f"received log ({icount})")
-        out = await qmp.execute("human-monitor-command",
-                                {"command-line": f"savevm {SNAPSHOT}"})
-        if not out.strip():
-            return attempts
-        if "does not allow" not in out or time.monotonic() > deadline:
-            raise GoLiveError(f"savevm failed: {out.strip()}")
-        await qmp.execute("cont")
-        await asyncio.sleep(0.01)
+
+    _, attempts = await savevm(qmp, SNAPSHOT, timeout, GoLiveError, at_the_end)
+    return attempts
 
 
 async def freeze_and_save(qmp_of: Callable[[], Awaitable[QMPClient]], pid: int, rrfile: Path, pipe_fd: int,

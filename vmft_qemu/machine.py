@@ -17,8 +17,10 @@ import logging
 import os
 import signal
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import psutil
 from qemu.qmp import ConnectError, QMPClient
@@ -206,6 +208,31 @@ def die_with_parent() -> None:
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     os.setpriority(os.PRIO_PROCESS, 0, 0)
+
+
+async def savevm(qmp: QMPClient, name: str, timeout: float, error: type[Exception],
+                 check: Callable[[int], None] = lambda icount: None) -> tuple[int, int]:
+    """Stop the guest and `savevm NAME`; the guest stays stopped.  Returns the
+    icount it stopped at and the attempts taken.
+
+    `savevm` is refused while QEMU still has a disk completion queued that the
+    log did not deliver: the VM runs a moment (`cont`) and it is tried again.
+    `check(icount)` may refuse the stopping point before anything is saved;
+    a failed savevm raises `error`."""
+    deadline = time.monotonic() + timeout
+    attempts = 0
+    while True:
+        attempts += 1
+        await qmp.execute("stop")
+        at = (await qmp.execute("query-replay"))["icount"]
+        check(at)
+        out = await qmp.execute("human-monitor-command", {"command-line": f"savevm {name}"})
+        if not out.strip():
+            return at, attempts
+        if "does not allow" not in out or time.monotonic() > deadline:
+            raise error(f"savevm failed: {out.strip()}")
+        await qmp.execute("cont")
+        await asyncio.sleep(0.01)
 
 
 def _qemu_img(*args: str) -> None:

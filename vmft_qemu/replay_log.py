@@ -47,6 +47,7 @@ CHECKPOINT_FIRST, CHECKPOINT_LAST = 30, 38
 # async event (icount_account_warp_timer): a point where no device work is
 # queued between the log and the guest.  See `ReplayLogReader.safe_point`.
 CHECKPOINT_CLOCK_WARP_ACCOUNT = 31
+CHECKPOINT_INIT, CHECKPOINT_RESET = 37, 38  # a QEMU's start: the machine's creation
 ASYNC_BLOCK = 8
 END = 39
 

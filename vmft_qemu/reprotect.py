@@ -42,7 +42,6 @@ import hashlib
 import json
 import logging
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, TypeVar
@@ -51,7 +50,8 @@ from qemu.qmp import QMPClient
 
 from . import log_channel as lc
 from .events import emit
-from .replay_log import AUDIO_OUT, CHECKPOINT_FIRST
+from .machine import savevm
+from .replay_log import AUDIO_OUT, CHECKPOINT_INIT, CHECKPOINT_RESET
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,7 +59,7 @@ T = TypeVar("T")
 JOIN_SNAPSHOT = "vmft-join"
 # What a recording started from a snapshot logs before it loads it: the
 # machine's creation (QEMU's CHECKPOINT_INIT and CHECKPOINT_RESET).
-CREATION_EVENTS = bytes([CHECKPOINT_FIRST + 7, CHECKPOINT_FIRST + 8])
+CREATION_EVENTS = bytes([CHECKPOINT_INIT, CHECKPOINT_RESET])
 # The event kind the replay reads ahead, and drops, as it loads the snapshot:
 # one no device of ours consumes.
 PLACEHOLDER_KIND = AUDIO_OUT
@@ -90,23 +90,12 @@ class JoinPoint:
 async def save_join_snapshot(qmp: QMPClient, timeout: float = 10.0) -> tuple[int, int]:
     """Step 1's first half: stop the guest and `savevm vmft-join`; the guest
     stays stopped.  Returns the icount it stopped at and the attempts taken
-    (savevm is refused while a disk completion is still queued: the guest
-    runs a moment and it is tried again)."""
-    deadline = time.monotonic() + timeout
-    attempts = 0
-    while True:
-        attempts += 1
-        await qmp.execute("stop")
-        stopped_at = (await qmp.execute("query-replay"))["icount"]
-        out = await qmp.execute("human-monitor-command",
-                                {"command-line": f"savevm {JOIN_SNAPSHOT}"})
-        if not out.strip():
-            return stopped_at, attempts
-        if "does not allow" not in out or time.monotonic() > deadline:
-            await qmp.execute("cont")
-            raise JoinError(f"savevm failed: {out.strip()}")
+    (`machine.savevm`).  If it fails, the guest runs on alone."""
+    try:
+        return await savevm(qmp, JOIN_SNAPSHOT, timeout, JoinError)
+    except JoinError:
         await qmp.execute("cont")
-        await asyncio.sleep(0.01)
+        raise
 
 
 class LoadSplice:
