@@ -130,3 +130,24 @@ def test_stop_tail_is_whole_events_ending_in_a_zero_instruction_event() -> None:
     events = rl.ReplayLogReader().feed(stop_tail())
     assert [e.name for e in events] == ["ASYNC_BLOCK"] * MAX_DRAINED + ["INSTRUCTION"]
     assert events[-1].value == 0
+
+
+def _replay_section(section_id: int, fields: tuple) -> bytes:
+    sid = struct.pack(">I", section_id)
+    return (b"\x04" + sid + b"\x06replay" + struct.pack(">II", 0, 3)
+            + struct.pack(">qqQiIIBQQq", *fields) + b"\x7e" + sid)
+
+
+def test_forget_read_ahead_rewrites_a_replays_state_as_a_recordings(tmp_path: Path) -> None:
+    # As go-live's replay saved it: a disk completion read ahead, waiting for
+    # request id 0x08ff.. (a wildcard's kind byte read as part of an id).
+    replays = (0, 14581139172, 6752181250, 0, 3142996, rl.ASYNC_BLOCK, 1, 2**64 - 1, 40,
+               0x08FFFFFFFFFFFFFF)
+    decoy = b"\x06replay" + struct.pack(">II", 0, 3) + bytes(70)  # no section header
+    path = tmp_path / "snapshots.qcow2"
+    path.write_bytes(bytes(1000) + _replay_section(1, replays) + decoy + bytes(100))
+    assert rl.forget_read_ahead(path) == 1
+    recordings = (0, 0, 6752181250, 0, 0, 0xFFFFFFFF, 0, 2**64 - 1, 40, -1)
+    assert path.read_bytes() == bytes(1000) + _replay_section(1, recordings) + decoy + bytes(100)
+    assert rl.forget_read_ahead(path) == 1  # the same again: nothing left to change
+    assert path.read_bytes() == bytes(1000) + _replay_section(1, recordings) + decoy + bytes(100)

@@ -335,7 +335,7 @@ class BackupController(Stateful):
                         f"not going live ({error})")
 
         decided = await go_live.decide(
-            self.config, "backup", self.detector, ready, unreachable,
+            lambda: self.config, "backup", self.detector, ready, unreachable,
             lambda reason: self.set_state("partner-lost", reason, logging.WARNING))
         if decided is None:
             self.set_state("failed", "the primary failed before this new backup held all the "
@@ -372,6 +372,7 @@ class BackupController(Stateful):
                                       self.feeder.fd, self.feeder.fed_icount, timeout=120)
         self.live_icount = self.feeder.fed_icount
         await self.machine.stop()
+        go_live.hand_over(self.machine.paths.snapshots)
 
     async def run(self) -> str:
         """Replay until the guest shuts down or the primary fails.

@@ -34,7 +34,8 @@ group `ft_hosts` and this file name the same hosts):
     port = 22
     ft_address = "10.77.0.1"                 # its address on the FT network (log channel)
     tap = "vmft0"                            # its TAP in the LAN bridge, for the guest's NIC
-    # agent_socket, run_root: this host's own, if they differ
+    launcher = "qemu"                        # "libvirt": this host's libvirtd starts its QEMUs
+    # agent_socket, run_root, libvirt_uri: this host's own, if they differ
 
     [vms.web]
     workload = "ticks"
@@ -48,7 +49,8 @@ group `ft_hosts` and this file name the same hosts):
 Placement: the primary goes to the reachable host with the fewest running
 controllers, the backup to the next one (ties: inventory order), and a
 standby (`vmft protect`) to the next one after that, if there is a third
-host.  Every start of a pair gets a new lock epoch (milliseconds since 1970),
+host.  Each side's QEMU is started as its host says (`launcher`: by the
+controller, or by the host's libvirtd, so the VM shows in its `virsh list`).  Every start of a pair gets a new lock epoch (milliseconds since 1970),
 so a lock left on the share by an earlier failover never decides a later pair.
 
 Re-protection (the paper's "a new backup VM is started on another host"):
@@ -129,6 +131,8 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "tap": (cfg._string(cfg._IFNAME, cfg._IFNAME_TEXT), "vmft0"),
         "agent_socket": (_optional_path, ""),
         "run_root": (_optional_path, ""),
+        "launcher": _VM["launcher"],
+        "libvirt_uri": _VM["libvirt_uri"],
     },
     "vm": {
         **{key: _VM[key] for key in ("workload", "memory_mib", "icount_shift", "disk",
@@ -149,6 +153,8 @@ class HostSpec:
     tap: str
     agent_socket: Path
     run_root: Path
+    launcher: str = "qemu"
+    libvirt_uri: str = "qemu:///system"
 
 
 @dataclass(frozen=True)
@@ -200,7 +206,8 @@ def inventory_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Inventor
     hosts = {name: HostSpec(name=name, address=t["address"], port=t["port"],
                             ft_address=t["ft_address"], tap=t["tap"],
                             agent_socket=t["agent_socket"] or top["agent_socket"],
-                            run_root=t["run_root"] or top["run_root"])
+                            run_root=t["run_root"] or top["run_root"],
+                            launcher=t["launcher"], libvirt_uri=t["libvirt_uri"])
              for name, t in _tables(raw, "hosts", source).items()}
     if len(hosts) < 2:
         raise cfg.ConfigError(f"{source}: [hosts.NAME]: an FT pair needs at least two hosts")
@@ -266,14 +273,21 @@ def run_dir(host: HostSpec, vm: str) -> Path:
     return host.run_root / f"{vm}.{host.name}"
 
 
+def on_host(raw: dict[str, Any], host: HostSpec) -> dict[str, Any]:
+    """A side's config: the pair's, with `host`'s way of starting QEMU."""
+    return {**raw, "vm": {**raw["vm"], "launcher": host.launcher,
+                          "libvirt_uri": host.libvirt_uri}}
+
+
 def pair_config(inv: Inventory, vm: VMSpec, primary: HostSpec, backup: HostSpec,
                 epoch: int, standby: HostSpec | None = None) -> dict[str, Any]:
-    """The pair's configuration (what `vmft primary|backup --config` reads), checked.
+    """The pair's configuration (what `vmft primary|backup --config` reads), checked,
+    as the primary's host runs it (`on_host` makes the backup's).
 
     `protect.hosts` names every host, in the order a primary running alone
     tries them: the standby's first, the pair's own last."""
     order = sorted(inv.hosts.values(), key=lambda h: (h != standby, h in (primary, backup)))
-    raw = {
+    raw = on_host({
         "vm": {"name": vm.name, "image_cache": str(inv.image_cache), **vm.settings},
         "primary": {"run_dir": str(run_dir(primary, vm.name)), "tap": primary.tap},
         "backup": {"run_dir": str(run_dir(backup, vm.name)), "tap": backup.tap,
@@ -283,7 +297,7 @@ def pair_config(inv: Inventory, vm: VMSpec, primary: HostSpec, backup: HostSpec,
                  "epoch": epoch},
         # Where a standby may wait for this VM: on any host of the cluster.
         "protect": {"hosts": [f"{h.ft_address}:{vm.log_port}" for h in order]},
-    }
+    }, primary)
     cfg.from_dict(raw, f"{inv.source}: the pair config of {vm.name}")
     return raw
 
@@ -292,7 +306,7 @@ def standby_config(pair: dict[str, Any], host: HostSpec, vm: str) -> dict[str, A
     """The pair's config as a standby on `host` needs it: the backup is `host` itself."""
     backup = {**pair["backup"], "run_dir": str(run_dir(host, vm)), "tap": host.tap,
               "address": host.ft_address}
-    raw = {**pair, "backup": backup}
+    raw = on_host({**pair, "backup": backup}, host)
     if raw["primary"]["run_dir"] == backup["run_dir"]:
         raise ClusterError(f"{vm}: the standby cannot go on its own primary's host {host.name}")
     cfg.from_dict(raw, f"the standby config of {vm} on {host.name}")
@@ -472,7 +486,9 @@ class Cluster:
              epoch=epoch)
         started = []
         try:
-            for host, role, raw in ((backup, "backup", pair), (primary, "primary", pair)):
+            sides = ((backup, "backup", on_host(pair, self.inv.hosts[backup])),
+                     (primary, "primary", pair))
+            for host, role, raw in sides:
                 self.links[host].call({"op": "start", "vm": name, "role": role,
                                        "config": to_toml(raw)})
                 started.append(host)

@@ -19,7 +19,11 @@ QEMU has no switch from replay to live execution, so the backup:
    end-of-file exits: qemu-rr-facts.md);
 4. pauses it (`stop`), checks it stands at the safe point's icount and takes
    its state with `savevm` (retried while a disk completion is still queued);
-5. the caller then starts a record-mode QEMU from that snapshot (`-loadvm`),
+5. once that QEMU has exited, rewrites the replay state in the snapshot as a
+   recording saves it (`hand_over`): a replay's snapshot holds the event it
+   had read ahead, which the recording would carry on into the snapshot of
+   any later join, where the new backup's replay would wait for it forever;
+6. the caller then starts a record-mode QEMU from that snapshot (`-loadvm`),
    on this host's disk copy, and puts it on the LAN.
 """
 
@@ -41,7 +45,7 @@ from .failure_detector import FailureDetector
 from . import test_and_set
 from .log_pipe import unread_bytes
 from .machine import savevm
-from .replay_log import any_block_completion, instruction_event
+from .replay_log import any_block_completion, forget_read_ahead, instruction_event
 
 log = logging.getLogger(__name__)
 
@@ -67,20 +71,22 @@ async def contend(config: FTConfig, role: str, reason: str) -> test_and_set.Verd
     return verdict
 
 
-async def decide(config: FTConfig, role: str, detector: FailureDetector,
+async def decide(config: Callable[[], FTConfig], role: str, detector: FailureDetector,
                  ready: Callable[[], bool | None],
                  unreachable: Callable[[str, Exception], None],
                  lost: Callable[[str], None] = lambda reason: None,
                  ) -> tuple[test_and_set.Verdict, str] | None:
     """Wait for the partner to fail, then contend for the lock until it is decided.
 
+    `config()` is the pair's configuration when it contends (a join moves the
+    pair to another lock epoch while this waits).
     `ready()` says whether a failure now means contending (True), waiting on
     (False: e.g. nothing to go live with yet) or nothing to decide any more
     (None: the guest shut down).  `lost(reason)` is told before contending.
     While the lock is unreachable this side does not go live:
     `unreachable(reason, error)` is told, and it tries again.
     Returns the verdict and the failure's reason."""
-    retry = max(config.lock.timeout_ms / 1000, 0.5)
+    retry = max(config().lock.timeout_ms / 1000, 0.5)
     while True:
         reason = await detector.wait_failure()
         now = ready()
@@ -89,7 +95,7 @@ async def decide(config: FTConfig, role: str, detector: FailureDetector,
         if now:
             lost(reason)
             try:
-                return await contend(config, role, reason), reason
+                return await contend(config(), role, reason), reason
             except test_and_set.LockUnavailable as e:
                 unreachable(reason, e)
         await asyncio.sleep(retry)
@@ -177,3 +183,15 @@ async def freeze_and_save(qmp_of: Callable[[], Awaitable[QMPClient]], pid: int, 
     times = {"consume_s": t1 - t0, "save_s": t2 - t1, "savevm_attempts": attempts}
     emit(log, "replay-frozen-and-saved", icount=icount, **times)
     return times
+
+
+def hand_over(snapshots: Path) -> None:
+    """Step 5: the go-live snapshot's replay state as a recording's."""
+    start = time.monotonic()
+    rewritten = forget_read_ahead(snapshots)
+    if rewritten:
+        emit(log, "replay-state-handed-over", sections=rewritten,
+             seconds=round(time.monotonic() - start, 4))
+    else:
+        # The VM still runs on; a later join would stall at its start.
+        emit(log, "replay-state-not-found", level=logging.WARNING, snapshots=str(snapshots))

@@ -38,7 +38,7 @@ from .lag_control import LagControl, Throttle
 from .log_pipe import open_fifo
 from .machine import Role
 from .output_gate import OutputGate
-from .replay_log import REPLAY_VERSION, ReplayLogReader
+from .replay_log import REPLAY_VERSION, Event, ReplayLogReader
 from .status import RateMeter
 from .vnic import Port, gratuitous_arp, open_guest_port, open_tap
 
@@ -379,16 +379,20 @@ class PrimaryController(Stateful):
         try:
             loop.remove_reader(self._record_fd)
             await old.stop()
-            while True:  # the old recording's last words (its shutdown): not this VM's log
+            last_words: list[Event] = []  # the old recording's (its shutdown): not this VM's log
+            while True:
                 try:
-                    if not os.read(self._record_fd, 1 << 16):
-                        break
+                    data = os.read(self._record_fd, 1 << 16)
                 except BlockingIOError:
                     break
+                if not data:
+                    break
+                self.reader.split(data, events=last_words)
+            logged_at = reprotect.logged_icount(last_words, stopped_at)
             self.machine = machine.for_config(
                 self.config, self.image, Role.RECORD, self.run_dir, old.rrfile,
                 loadvm=reprotect.JOIN_SNAPSHOT, rrsnapshot=reprotect.JOIN_SNAPSHOT, paused=True)
-            self.reader = ReplayLogReader(icount=stopped_at)
+            self.reader = ReplayLogReader(icount=logged_at)
             self.retained = RetainedLog()
             self.joining = True
             self._clock_marks.clear()
@@ -414,7 +418,7 @@ class PrimaryController(Stateful):
             self._restarting = False
             self._restarted.set()
         done = time.monotonic()
-        point = reprotect.JoinPoint(0, stopped_at, done - started, saved - started, done - saved,
+        point = reprotect.JoinPoint(0, logged_at, done - started, saved - started, done - saved,
                                     attempts)
         emit(log, "recording", qemu_pid=self.machine.pid, resumed=reprotect.JOIN_SNAPSHOT)
         emit(log, "join-point", **point.json())
@@ -647,7 +651,7 @@ class PrimaryController(Stateful):
                         f"holding output ({error})")
 
         decided = await go_live.decide(
-            self.config, "primary", self.detector,
+            lambda: self.config, "primary", self.detector,
             lambda: None if self.shutdown_cause is not None else True, unreachable,
             lambda reason: self.set_state("partner-lost", reason, logging.WARNING))
         if decided is None:

@@ -15,6 +15,7 @@ big-endian integers, arrays as a 4-byte length followed by the bytes.
 
 from __future__ import annotations
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -344,3 +345,44 @@ def iter_file_events(path: Path, chunk: int = 1 << 16) -> Iterator[Event]:
         reader = ReplayLogReader()
         while data := f.read(chunk):
             yield from reader.feed(data)
+
+
+# --- QEMU's replay state inside a snapshot -------------------------------------------
+
+# How savevm writes QEMU's "replay" vmstate section (replay/replay-snapshot.c,
+# version 3): a full-section header (kind 4, section id, name, instance 0,
+# version 3), the ReplayState fields, a footer (0x7e, the section id).
+_STATE_NAME = b"\x06replay" + struct.pack(">II", 0, 3)
+_STATE_SECTION, _STATE_FOOTER = 0x04, 0x7E
+# cached_clock[2], current_icount, instruction_count, current_event, data_kind,
+# has_unread_data, file_offset, block_request_id, read_event_id
+_STATE_FIELDS = struct.Struct(">qqQiIIBQQq")
+_NO_KIND = 0xFFFFFFFF  # data_kind when nothing was read ahead
+
+
+def forget_read_ahead(snapshots: Path) -> int:
+    """Rewrite every replay state in a snapshot drive file as a recording saves
+    it: no log event read ahead, no clock value cached, no event counted.
+    The icount and the counters a recording resets when it loads stay.
+
+    A snapshot a replaying QEMU saved holds the event it had read ahead (at
+    go-live: a disk completion of the stop tail, with a request id no request
+    has) as its own.  A recording that loads such a snapshot carries that on
+    into every snapshot it saves later, and a replay that loads one of those
+    waits for that event forever (a join after a go-live: `reprotect`).
+    No QEMU may have the file open.  Returns how many sections were rewritten."""
+    rewritten = 0
+    with open(snapshots, "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+        at = m.find(_STATE_NAME)
+        while at >= 0:
+            fields = at + len(_STATE_NAME)
+            footer = fields + _STATE_FIELDS.size
+            section_id = m[at - 4:at]
+            if at >= 5 and footer + 5 <= len(m) and m[at - 5] == _STATE_SECTION \
+                    and m[footer] == _STATE_FOOTER and m[footer + 1:footer + 5] == section_id:
+                _, _, icount, count, _, _, _, offset, request, _ = _STATE_FIELDS.unpack_from(m, fields)
+                _STATE_FIELDS.pack_into(m, fields, 0, 0, icount, count, 0, _NO_KIND, 0,
+                                        offset, request, -1)
+                rewritten += 1
+            at = m.find(_STATE_NAME, at + 1)
+    return rewritten

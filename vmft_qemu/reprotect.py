@@ -15,6 +15,10 @@ checkpoints the log does not have), so both sides start from the snapshot:
    counters, e.g. blkreplay's request ids, as the loading replay will have
    them) and waits (`-S`) until its controller reads its log from byte 0 and
    says `cont` (`save_join_snapshot`, `PrimaryController._restart_recording`).
+   The new log counts on from the icount of the old recording's last event
+   before the snapshot, not from the stop (`logged_icount`).  A primary that
+   went live loads nothing of its replay's place in the log: go-live rewrote
+   that in its snapshot (`go_live.hand_over`).
 2. With the guest running, the state is shipped over the log channel
    (`ship_state`): the snapshot drive file as it is (nothing writes to it
    after the start), and the disk as of the snapshot, read from the running
@@ -50,8 +54,10 @@ from qemu.qmp import QMPClient
 
 from . import log_channel as lc
 from .events import emit
+from .go_live import SNAPSHOT as GO_LIVE_SNAPSHOT
 from .machine import savevm
-from .replay_log import AUDIO_OUT, CHECKPOINT_INIT, CHECKPOINT_RESET
+from .replay_log import (AUDIO_OUT, CHECKPOINT_INIT, CHECKPOINT_RESET, INSTRUCTION, SHUTDOWN_FIRST,
+                         SHUTDOWN_LAST, Event)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -75,7 +81,7 @@ class JoinPoint:
     """Where the new backup's replay starts, and what taking it cost."""
 
     offset: int  # log offset the new backup's log starts at (the new recording's start)
-    icount: int  # instruction count there
+    icount: int  # instruction count the new log counts from (`logged_icount`)
     pause_s: float  # the guest was stopped this long
     savevm_s: float  # of which the savevm
     restart_s: float  # and the new recording's start from the snapshot
@@ -90,12 +96,40 @@ class JoinPoint:
 async def save_join_snapshot(qmp: QMPClient, timeout: float = 10.0) -> tuple[int, int]:
     """Step 1's first half: stop the guest and `savevm vmft-join`; the guest
     stays stopped.  Returns the icount it stopped at and the attempts taken
-    (`machine.savevm`).  If it fails, the guest runs on alone."""
+    (`machine.savevm`).  If it fails, the guest runs on alone.
+
+    A primary that went live still has the go-live snapshot in its drives; it
+    is dropped first, with the guest running, so that the snapshot drive
+    shipped holds one VM state, and savevm reuses its clusters instead of
+    growing the file (measured: 0.13 s instead of 0.6 to 0.8 s)."""
+    out = await qmp.execute("human-monitor-command", {"command-line": f"delvm {GO_LIVE_SNAPSHOT}"})
+    if out.strip():  # not there is no error; this one costs time and bytes, not the join
+        emit(log, "go-live-snapshot-kept", logging.WARNING, error=out.strip())
     try:
         return await savevm(qmp, JOIN_SNAPSHOT, timeout, JoinError)
     except JoinError:
         await qmp.execute("cont")
         raise
+
+
+def logged_icount(last_words: list[Event], stopped_at: int) -> int:
+    """The icount the join snapshot's replay state stands at, from the old
+    recording's last events (read after it exited).
+
+    A recording counts each INSTRUCTION event from its previous event, and its
+    snapshot keeps the icount of the last event before it, not the one the
+    guest stopped at: the stopped guest logged nothing more until its
+    shutdown, whose INSTRUCTION covers the gap.  A recording that loads the
+    snapshot, and the replay of it, count on from there, so the new log's
+    reader must too."""
+    shutdown = next((i for i, e in enumerate(last_words)
+                     if SHUTDOWN_FIRST <= e.kind <= SHUTDOWN_LAST), None)
+    if shutdown is None:
+        raise JoinError("the old recording ended without logging its shutdown: where its "
+                        "snapshot's log position stands is unknown")
+    before = last_words[shutdown - 1] if shutdown else None
+    gap = before.value if before is not None and before.kind == INSTRUCTION else 0
+    return stopped_at - gap
 
 
 class LoadSplice:
