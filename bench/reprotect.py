@@ -115,9 +115,15 @@ KINDS = ["booted", "after-takeover"]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="joins of each kind")
+    parser.add_argument("--workdir", type=Path,
+                        help="keep the controllers' run dirs here (for `vmft report`); "
+                             "default: a temporary directory, removed afterwards")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="vmft-bench-reprotect-") as tmp:
-        rounds = run(args.rounds, Path(tmp))
+    if args.workdir:
+        rounds = run(args.rounds, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="vmft-bench-reprotect-") as tmp:
+            rounds = run(args.rounds, Path(tmp))
     summary = {kind: {k: {"median": statistics.median(r[k] for r in rounds if r["kind"] == kind),
                           "max": max(r[k] for r in rounds if r["kind"] == kind)} for k in KEYS}
                for kind in KINDS}

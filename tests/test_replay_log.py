@@ -124,11 +124,28 @@ def test_safe_point_is_just_past_the_last_warp_account_checkpoint() -> None:
     assert reader.icount == 15
 
 
-def test_stop_tail_is_whole_events_ending_in_a_zero_instruction_event() -> None:
+def test_the_reader_knows_which_disk_requests_completed_as_of_the_safe_point() -> None:
+    reader = rl.ReplayLogReader()
+    done = b"".join(_ev(rl.ASYNC_BLOCK, struct.pack(">Q", i)) for i in (0, 1, 3, 5))
+    reader.split(done + _ev(rl.CHECKPOINT_CLOCK_WARP_ACCOUNT)
+                 + _ev(rl.ASYNC_BLOCK, struct.pack(">Q", 2)))
+    assert reader.disk_at_safe_point == rl.DiskCompletions(2, frozenset({3, 5}))
+    assert reader.disk == rl.DiskCompletions(4, frozenset({5}))
+    # In flight at the safe point: 2 and 4 (issued before 3 and 5), then maybe 6, 7, ...
+    assert reader.disk_at_safe_point.outstanding(3) == [2, 4, 6, 7, 8]
+    assert rl.DiskCompletions().outstanding(2) == [0, 1]
+
+
+def test_stop_tail_names_each_request_that_may_be_in_flight_then_freezes() -> None:
     from vmft_qemu.go_live import MAX_DRAINED, stop_tail
 
-    events = rl.ReplayLogReader().feed(stop_tail())
-    assert [e.name for e in events] == ["ASYNC_BLOCK"] * MAX_DRAINED + ["INSTRUCTION"]
+    # Requests 0 to 6 and 9 completed: 7 and 8 were issued before 9 and are in
+    # flight; past 9, some may have been issued.
+    tail = stop_tail(rl.DiskCompletions(7, frozenset({9})))
+    events = rl.ReplayLogReader().feed(tail)
+    assert [e.name for e in events] == ["ASYNC_BLOCK"] * (2 + MAX_DRAINED) + ["INSTRUCTION"]
+    ids = [struct.unpack(">Q", tail[e.offset + 1:e.end])[0] for e in events[:-1]]
+    assert ids == [7, 8] + list(range(10, 10 + MAX_DRAINED))
     assert events[-1].value == 0
 
 

@@ -46,8 +46,12 @@ def test_the_state_travels_the_log_channel_and_the_disk_is_the_snapshots(tmp_pat
     _qemu_img("snapshot", "-c", reprotect.JOIN_SNAPSHOT, str(disk))
     subprocess.run(["qemu-io", "-c", "write -P 0x22 1M 64k", str(disk)], check=True,
                    capture_output=True)  # the guest ran on after the snapshot
-    vmstate = tmp_path / "snapshots.qcow2"
-    vmstate.write_bytes(bytes(range(256)) * 9000)  # any bytes: it travels as it is
+    vmstate = tmp_path / "snapshots.qcow2"  # any bytes: it travels as it is, but for its holes
+    with open(vmstate, "wb") as f:
+        f.write(bytes(range(256)) * 8192)
+        f.seek(8 << 20)  # a hole, as a deleted snapshot leaves one
+        f.write(b"\x5a" * 65536)
+        f.truncate(12 << 20)  # and one at the end
     files = reprotect.state_files(vmstate, disk, tmp_path / "export.qcow2")
     point = reprotect.JoinPoint(offset=1234, icount=5678, pause_s=0.1, savevm_s=0.05,
                                 restart_s=0.04, savevm_attempts=1)
@@ -78,12 +82,14 @@ def test_the_state_travels_the_log_channel_and_the_disk_is_the_snapshots(tmp_pat
         await reader.read()  # the receiver closes once it has everything
         writer.close()
         server.close()
-        assert sent == sum(f.size for f in files) == progress[-1]
+        assert sent == sum(f.data for f in files) == progress[-1]
         return got[0]
 
     receiver = asyncio.run(transfer())
     assert (receiver.epoch, receiver.offset, receiver.icount) == (7, 1234, 5678)
     assert (received / "snapshots.qcow2").read_bytes() == vmstate.read_bytes()
+    assert files[0].data == (2 << 20) + 65536 < files[0].size  # the holes stayed home
+    assert reprotect.data_extents(received / "snapshots.qcow2") == files[0].extents
     copy = received / "disk.qcow2"
     assert reprotect.JOIN_SNAPSHOT in _qemu_img("snapshot", "-l", str(copy))
     # The copy holds the disk as of the snapshot: the write after it is not there,
@@ -97,13 +103,14 @@ def test_the_state_travels_the_log_channel_and_the_disk_is_the_snapshots(tmp_pat
 def test_a_damaged_state_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
     join = lc.Frame(lc.FrameType.JOIN, 0, 10, 20, lc.json_payload(
-        {"epoch": 2, "files": [{"name": "snapshots.qcow2", "size": 4, "sha256": "0" * 64}]}))
+        {"epoch": 2, "files": [{"name": "snapshots.qcow2", "size": 4, "sha256": "0" * 64,
+                                "data": 4}]}))
     receiver = reprotect.StateReceiver(tmp_path / "out", join)
     with pytest.raises(lc.CorruptFrame, match="SHA-256"):
         receiver.take(lc.Frame(lc.FrameType.STATE, 1, 0, 0, b"abcd"))
     with pytest.raises(lc.ProtocolMismatch, match="outside the run dir"):
         reprotect.StateReceiver(tmp_path / "out", lc.Frame(lc.FrameType.JOIN, 0, 0, 0, lc.json_payload(
-            {"epoch": 2, "files": [{"name": "../x", "size": 1, "sha256": ""}]})))
+            {"epoch": 2, "files": [{"name": "../x", "size": 1, "sha256": "", "data": 1}]})))
 
 
 def test_the_placeholder_goes_right_after_the_machines_creation() -> None:

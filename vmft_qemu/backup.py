@@ -369,7 +369,8 @@ class BackupController(Stateful):
         emit(log, "going-live", icount=self.feeder.fed_icount,
              unfed_bytes=len(self._unfed), received_icount=self.reader.icount)
         await go_live.freeze_and_save(self.machine.qmp, self.machine.pid, self.machine.rrfile,
-                                      self.feeder.fd, self.feeder.fed_icount, timeout=120)
+                                      self.feeder.fd, self.feeder.fed_icount,
+                                      self.reader.disk_at_safe_point, timeout=120)
         self.live_icount = self.feeder.fed_icount
         await self.machine.stop()
         go_live.hand_over(self.machine.paths.snapshots)

@@ -11,12 +11,14 @@ QEMU has no switch from replay to live execution, so the backup:
    (`ReplayLogReader.safe_point`; the backup controller never feeds further);
 2. waits until QEMU has consumed all of it: one of its threads sits in read()
    on the empty replay pipe (`replay_starved`);
-3. appends a tail that lets it stop there without reading past it: up to
-   `MAX_DRAINED` wildcard disk completions (requests the primary had in flight:
-   they complete now, as they would on a live machine) and an INSTRUCTION event
-   of count 0, which QEMU never finishes, so the guest stays frozen while QMP
-   answers (a replaying QEMU starved of log does not answer QMP; one that meets
-   end-of-file exits: qemu-rr-facts.md);
+3. appends a tail that lets it stop there without reading past it: a
+   completion for each disk request that may be in flight (`stop_tail`: the
+   primary had issued them and the log has not completed them; they complete
+   now, as they would on a live machine), in the order they were issued,
+   ending with one for a request never issued, which QEMU waits for forever,
+   so the guest stays frozen while QMP answers (a replaying QEMU starved of
+   log does not answer QMP; one that meets end-of-file exits:
+   qemu-rr-facts.md);
 4. pauses it (`stop`), checks it stands at the safe point's icount and takes
    its state with `savevm` (retried while a disk completion is still queued);
 5. once that QEMU has exited, rewrites the replay state in the snapshot as a
@@ -45,7 +47,7 @@ from .failure_detector import FailureDetector
 from . import test_and_set
 from .log_pipe import unread_bytes
 from .machine import savevm
-from .replay_log import any_block_completion, forget_read_ahead, instruction_event
+from .replay_log import DiskCompletions, block_completion, forget_read_ahead, instruction_event
 
 log = logging.getLogger(__name__)
 
@@ -149,18 +151,29 @@ async def wait_consumed(pid: int, rrfile: Path, pipe_fd: int, timeout: float) ->
     return time.monotonic() - start
 
 
-def stop_tail() -> bytes:
-    """What to append to the log so the replay ends here, frozen and answering QMP."""
-    return any_block_completion() * MAX_DRAINED + instruction_event(0)
+def stop_tail(disk: DiskCompletions) -> bytes:
+    """What to append to the log so the replay ends here, frozen and answering QMP.
+
+    Each request id is named: QEMU reads the id of an ASYNC BLOCK event once,
+    then waits for that request.  (An id of -1 matches any request, but QEMU
+    reads it again, 8 bytes further on, on every poll that finds none queued,
+    and then waits for an id made of the next event's bytes: a request whose
+    host I/O was still running, e.g. a guest flush, would never complete and
+    savevm would refuse to the end.)  The requests past the highest completed
+    id were issued in order, so the replay completes those it issued and stops
+    at the first it did not.  The INSTRUCTION event of count 0 after them,
+    which QEMU would never finish either, is never reached."""
+    return b"".join(block_completion(request) for request in disk.outstanding(MAX_DRAINED)) \
+        + instruction_event(0)
 
 
 async def save_state(qmp: QMPClient, icount: int, timeout: float) -> int:
     """Pause the frozen replay, check where it stands, savevm; return the attempts.
 
     `savevm` is refused while QEMU still has a disk completion queued that the
-    log did not deliver; letting the VM run a moment lets the wildcard
-    completions of the tail take it (the guest itself cannot move: it is
-    frozen by the tail's last event)."""
+    log did not deliver; letting the VM run a moment lets the tail's
+    completions take it (the guest itself cannot move: it is frozen by the
+    tail's last request)."""
     def at_the_end(at: int) -> None:
         if at != icount:
             raise GoLiveError(f"the replay stopped at icount {at}, not at the end of the "
@@ -171,12 +184,12 @@ async def save_state(qmp: QMPClient, icount: int, timeout: float) -> int:
 
 
 async def freeze_and_save(qmp_of: Callable[[], Awaitable[QMPClient]], pid: int, rrfile: Path, pipe_fd: int,
-                          icount: int, timeout: float) -> dict[str, float]:
+                          icount: int, disk: DiskCompletions, timeout: float) -> dict[str, float]:
     """Steps 2 to 4 above; returns how long each took (seconds)."""
     t0 = time.monotonic()
     await wait_consumed(pid, rrfile, pipe_fd, timeout)
     t1 = time.monotonic()
-    os.write(pipe_fd, stop_tail())
+    os.write(pipe_fd, stop_tail(disk))
     qmp = await qmp_of()
     attempts = await save_state(qmp, icount, timeout)
     t2 = time.monotonic()

@@ -354,7 +354,7 @@ class PrimaryController(Stateful):
             reprotect.state_files, paths.snapshots, paths.disk if self.machine.spec.disk else None,
             self.run_dir / "join-disk.qcow2"), beat)
         self.join_stats = {"endpoint": f"{endpoint[0]}:{endpoint[1]}", "epoch": epoch,
-                           **point.json(), "state_bytes": sum(f.size for f in files),
+                           **point.json(), "state_bytes": sum(f.data for f in files),
                            "sent_bytes": 0}
 
         def progress(sent: int, total: int) -> None:

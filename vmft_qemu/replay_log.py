@@ -130,6 +130,30 @@ class Event:
         return event_name(self.kind)
 
 
+@dataclass(frozen=True, slots=True)
+class DiskCompletions:
+    """Which disk requests a log has completed so far (ASYNC_BLOCK events carry
+    blkreplay's request id; QEMU numbers requests from 0 as they are issued,
+    anew in a recording that loads a snapshot, so each log counts from 0)."""
+
+    below: int = 0  # every request id below this one has completed
+    above: frozenset[int] = frozenset()  # and these ones above it
+
+    def add(self, request: int) -> "DiskCompletions":
+        done, below = self.above | {request}, self.below
+        while below in done:
+            done, below = done - {below}, below + 1
+        return DiskCompletions(below, done)
+
+    def outstanding(self, beyond: int) -> list[int]:
+        """Ids of requests that may be in flight, in the order they were issued:
+        those below the highest completed id that have not completed (all were
+        issued), then `beyond` ids after it (some may never have been)."""
+        top = max(self.above, default=self.below - 1)
+        return [i for i in range(self.below, top) if i not in self.above] + \
+            list(range(top + 1, top + 1 + beyond))
+
+
 # --- payload sizes -------------------------------------------------------------
 # A kind's payload size is an int when fixed, else a sizer: a function giving
 # the size from the payload's first bytes (at `pos`), or None if more are needed.
@@ -234,8 +258,9 @@ class ReplayLogReader:
     they complete.  `offset` is the stream offset just past the last complete
     event, `icount` the instruction count there, `pending` the bytes of an
     event still incomplete, `clock` the last guest clock (VIRTUAL_RT, ns) read
-    and the offset just past it, and `shutdown` the first shutdown event's
-    cause.  After the END event the stream is over (QEMU may append its 4
+    and the offset just past it, `shutdown` the first shutdown event's
+    cause, and `disk` the disk requests completed (`disk_at_safe_point`: as
+    of the safe point, the last CHECKPOINT_CLOCK_WARP_ACCOUNT).  After the END event the stream is over (QEMU may append its 4
     version bytes there when it finishes writing to a pipe).
     """
 
@@ -247,6 +272,8 @@ class ReplayLogReader:
         self.clock: tuple[int, int] | None = None  # (offset after it, ns)
         self.shutdown: str | None = None
         self.safe_point = (offset, icount)
+        self.disk = DiskCompletions()  # up to `offset`
+        self.disk_at_safe_point = self.disk
         self._pending = b""
 
     @property
@@ -271,6 +298,7 @@ class ReplayLogReader:
         fixed, base = _FIXED, self.offset
         pos, n, count, seen = 0, len(buf), self.icount, 0
         clock, shutdown, ended, safe = self.clock, self.shutdown, self.ended, self.safe_point
+        disk, safe_disk = self.disk, self.disk_at_safe_point
         while pos < n and not ended:
             kind = buf[pos]
             size = fixed[kind]
@@ -292,7 +320,9 @@ class ReplayLogReader:
                 value = int.from_bytes(buf[pos + 1:end], "big", signed=True)
                 clock = (base + end, value)
             elif kind == CHECKPOINT_CLOCK_WARP_ACCOUNT:
-                safe = (base + end, count)
+                safe, safe_disk = (base + end, count), disk
+            elif kind == ASYNC_BLOCK:
+                disk = disk.add(int.from_bytes(buf[pos + 1:end], "big"))
             elif kind >= SHUTDOWN_FIRST:
                 if kind <= SHUTDOWN_LAST and shutdown is None:
                     shutdown = _SHUTDOWN_CAUSES[kind - SHUTDOWN_FIRST]
@@ -311,6 +341,7 @@ class ReplayLogReader:
                 f"log data ends at icount {count}, but its frame says {icount}")
         self.offset, self.icount, self.ended = base + pos, count, ended
         self.clock, self.shutdown, self.safe_point = clock, shutdown, safe
+        self.disk, self.disk_at_safe_point = disk, safe_disk
         self._pending = b"" if ended else buf[pos:]
         self.events_seen += seen
         return buf[:pos]
@@ -323,10 +354,11 @@ def instruction_event(count: int) -> bytes:
     return struct.pack(">BI", INSTRUCTION, count)
 
 
-def any_block_completion() -> bytes:
-    """An ASYNC BLOCK event that completes whichever disk request finished first
-    (QEMU matches a request id of -1 to the first one queued)."""
-    return struct.pack(">BQ", ASYNC_BLOCK, (1 << 64) - 1)
+def block_completion(request: int) -> bytes:
+    """An ASYNC BLOCK event: disk request `request` completes.  A replaying QEMU
+    waits until that request's own completion is queued; for a request it
+    never issued, it waits for good."""
+    return struct.pack(">BQ", ASYNC_BLOCK, request)
 
 
 def read_file_header(header: bytes) -> int:
@@ -366,8 +398,8 @@ def forget_read_ahead(snapshots: Path) -> int:
     The icount and the counters a recording resets when it loads stay.
 
     A snapshot a replaying QEMU saved holds the event it had read ahead (at
-    go-live: a disk completion of the stop tail, with a request id no request
-    has) as its own.  A recording that loads such a snapshot carries that on
+    go-live: the stop tail's disk completion for a request it never issued)
+    as its own.  A recording that loads such a snapshot carries that on
     into every snapshot it saves later, and a replay that loads one of those
     waits for that event forever (a join after a go-live: `reprotect`).
     No QEMU may have the file open.  Returns how many sections were rewritten."""
