@@ -43,7 +43,8 @@ def test_the_state_travels_the_log_channel_and_the_disk_is_the_snapshots(tmp_pat
     _qemu_img("create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base), str(disk))
     subprocess.run(["qemu-io", "-c", "write -P 0x11 1M 64k", str(disk)], check=True,
                    capture_output=True)
-    _qemu_img("snapshot", "-c", reprotect.JOIN_SNAPSHOT, str(disk))
+    name = reprotect.join_snapshot_name()
+    _qemu_img("snapshot", "-c", name, str(disk))
     subprocess.run(["qemu-io", "-c", "write -P 0x22 1M 64k", str(disk)], check=True,
                    capture_output=True)  # the guest ran on after the snapshot
     vmstate = tmp_path / "snapshots.qcow2"  # any bytes: it travels as it is, but for its holes
@@ -52,8 +53,8 @@ def test_the_state_travels_the_log_channel_and_the_disk_is_the_snapshots(tmp_pat
         f.seek(8 << 20)  # a hole, as a deleted snapshot leaves one
         f.write(b"\x5a" * 65536)
         f.truncate(12 << 20)  # and one at the end
-    files = reprotect.state_files(vmstate, disk, tmp_path / "export.qcow2")
-    point = reprotect.JoinPoint(offset=1234, icount=5678, pause_s=0.1, savevm_s=0.05,
+    files = reprotect.state_files(vmstate, disk, tmp_path / "export.qcow2", name)
+    point = reprotect.JoinPoint(snapshot=name, offset=1234, icount=5678, pause_s=0.1, savevm_s=0.05,
                                 restart_s=0.04, savevm_attempts=1)
     received = tmp_path / "backup"
     received.mkdir()
@@ -86,31 +87,57 @@ def test_the_state_travels_the_log_channel_and_the_disk_is_the_snapshots(tmp_pat
         return got[0]
 
     receiver = asyncio.run(transfer())
-    assert (receiver.epoch, receiver.offset, receiver.icount) == (7, 1234, 5678)
+    assert (receiver.epoch, receiver.offset, receiver.icount, receiver.snapshot) == (
+        7, 1234, 5678, name)
     assert (received / "snapshots.qcow2").read_bytes() == vmstate.read_bytes()
     assert files[0].data == (2 << 20) + 65536 < files[0].size  # the holes stayed home
     assert reprotect.data_extents(received / "snapshots.qcow2") == files[0].extents
     copy = received / "disk.qcow2"
-    assert reprotect.JOIN_SNAPSHOT in _qemu_img("snapshot", "-l", str(copy))
+    assert name in _qemu_img("snapshot", "-l", str(copy))
     # The copy holds the disk as of the snapshot: the write after it is not there,
     # and only the clusters that differ from the backing file travelled.
-    as_of_join = disk_identity.digest(disk, reprotect.JOIN_SNAPSHOT)
+    as_of_join = disk_identity.digest(disk, name)
     assert disk_identity.digest(copy).differing(as_of_join) == []
     assert disk_identity.digest(copy).differing(disk_identity.digest(disk)) != []
     assert files[1].size < (1 << 20)
 
 
-def test_a_damaged_state_file_is_refused(tmp_path: Path) -> None:
+def test_a_damaged_state_file_or_a_bad_join_is_refused(tmp_path: Path) -> None:
     (tmp_path / "out").mkdir()
-    join = lc.Frame(lc.FrameType.JOIN, 0, 10, 20, lc.json_payload(
-        {"epoch": 2, "files": [{"name": "snapshots.qcow2", "size": 4, "sha256": "0" * 64,
-                                "data": 4}]}))
-    receiver = reprotect.StateReceiver(tmp_path / "out", join)
+
+    def join(snapshot: str, name: str = "snapshots.qcow2") -> lc.Frame:
+        return lc.Frame(lc.FrameType.JOIN, 0, 10, 20, lc.json_payload(
+            {"epoch": 2, "snapshot": snapshot,
+             "files": [{"name": name, "size": 4, "sha256": "0" * 64, "data": 4}]}))
+
+    receiver = reprotect.StateReceiver(tmp_path / "out", join("vmft-join-1"))
     with pytest.raises(lc.CorruptFrame, match="SHA-256"):
         receiver.take(lc.Frame(lc.FrameType.STATE, 1, 0, 0, b"abcd"))
     with pytest.raises(lc.ProtocolMismatch, match="outside the run dir"):
-        reprotect.StateReceiver(tmp_path / "out", lc.Frame(lc.FrameType.JOIN, 0, 0, 0, lc.json_payload(
-            {"epoch": 2, "files": [{"name": "../x", "size": 1, "sha256": "", "data": 1}]})))
+        reprotect.StateReceiver(tmp_path / "out", join("vmft-join-1", "../x"))
+    # The name goes into the replay's QEMU options: nothing but a join snapshot's.
+    with pytest.raises(lc.ProtocolMismatch, match="no join snapshot"):
+        reprotect.StateReceiver(tmp_path / "out", join("vmft-join-1,rr=record"))
+
+
+def test_only_the_join_snapshot_is_kept_between_the_two_recordings(tmp_path: Path) -> None:
+    """`drop_snapshots` on QEMU-less files: the go-live snapshot and the last
+    join's go, also where a file holds one twice (as a disk QEMU reaches
+    through blkreplay does), and the join snapshot stays."""
+    disk, drive = tmp_path / "disk.qcow2", tmp_path / "snapshots.qcow2"
+    for path in (disk, drive):
+        _qemu_img("create", "-q", "-f", "qcow2", str(path), "16M")
+    old, new = reprotect.join_snapshot_name(), reprotect.join_snapshot_name()
+    assert old != new
+    for name in (old, "vmft-go-live", "vmft-go-live", new):
+        _qemu_img("snapshot", "-c", name, str(disk))
+    _qemu_img("snapshot", "-c", new, str(drive))
+    assert reprotect.drop_snapshots([disk, drive], keep=new) == 3
+    for path in (disk, drive):
+        names = [s["name"] for s in json.loads(
+            _qemu_img("info", "--output=json", str(path))).get("snapshots", [])]
+        assert names == [new]
+    assert reprotect.drop_snapshots([tmp_path / "missing.qcow2"], keep=new) == 0  # logged only
 
 
 def test_the_placeholder_goes_right_after_the_machines_creation() -> None:

@@ -122,8 +122,7 @@ class BackupController(Stateful):
         self.run_dir = config.backup.run_dir
         self.standby = standby
         self.machine = machine.for_config(config, image, Role.REPLAY, self.run_dir,
-                                          self.run_dir / "replay.fifo",
-                                          rrsnapshot=reprotect.JOIN_SNAPSHOT if standby else None)
+                                          self.run_dir / "replay.fifo")
         self.reader = ReplayLogReader()
         self._fifo = -1
         self._joining: reprotect.StateReceiver | None = None
@@ -277,6 +276,7 @@ class BackupController(Stateful):
             raise lc.ProtocolMismatch("STATE frame without a JOIN first")
         self._joining.take(frame)
         if self._joining.complete:
+            self.machine.rrsnapshot = self._joining.snapshot  # the replay starts from it
             self.feeder = ReplayFeeder(self._fifo, self._joining.offset, self._joining.icount)
             self._splice = reprotect.LoadSplice()
             self._state_ready.set()

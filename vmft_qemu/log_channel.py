@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAGIC = b"VMFT"
-PROTOCOL_VERSION = 2  # 2: STATE frames carry only a file's data extents
+PROTOCOL_VERSION = 2  # 2: STATE frames carry only a file's data extents; JOIN names its snapshot
 HEADER = struct.Struct(">4sBBHQQQII")
 MAX_PAYLOAD = 4 << 20
 # An ACK carries the backup's replay position (offset and icount it has fed to

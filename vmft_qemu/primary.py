@@ -352,7 +352,7 @@ class PrimaryController(Stateful):
         paths = self.machine.paths
         files = await reprotect.with_heartbeats(sender, asyncio.to_thread(
             reprotect.state_files, paths.snapshots, paths.disk if self.machine.spec.disk else None,
-            self.run_dir / "join-disk.qcow2"), beat)
+            self.run_dir / "join-disk.qcow2", point.snapshot), beat)
         self.join_stats = {"endpoint": f"{endpoint[0]}:{endpoint[1]}", "epoch": epoch,
                            **point.json(), "state_bytes": sum(f.data for f in files),
                            "sent_bytes": 0}
@@ -372,7 +372,8 @@ class PrimaryController(Stateful):
         whose whole log (from byte 0) is kept for the new backup."""
         started = time.monotonic()
         old = self.machine
-        stopped_at, attempts = await reprotect.save_join_snapshot(await old.qmp())
+        name = reprotect.join_snapshot_name()
+        stopped_at, attempts = await reprotect.save_join_snapshot(await old.qmp(), name)
         saved = time.monotonic()
         self._restarting = True
         loop = asyncio.get_running_loop()
@@ -389,9 +390,11 @@ class PrimaryController(Stateful):
                     break
                 self.reader.split(data, events=last_words)
             logged_at = reprotect.logged_icount(last_words, stopped_at)
+            files = [old.paths.snapshots] + ([old.paths.disk] if old.spec.disk else [])
+            dropped = await asyncio.to_thread(reprotect.drop_snapshots, files, name)
             self.machine = machine.for_config(
                 self.config, self.image, Role.RECORD, self.run_dir, old.rrfile,
-                loadvm=reprotect.JOIN_SNAPSHOT, rrsnapshot=reprotect.JOIN_SNAPSHOT, paused=True)
+                loadvm=name, rrsnapshot=name, paused=True)
             self.reader = ReplayLogReader(icount=logged_at)
             self.retained = RetainedLog()
             self.joining = True
@@ -418,9 +421,9 @@ class PrimaryController(Stateful):
             self._restarting = False
             self._restarted.set()
         done = time.monotonic()
-        point = reprotect.JoinPoint(0, logged_at, done - started, saved - started, done - saved,
-                                    attempts)
-        emit(log, "recording", qemu_pid=self.machine.pid, resumed=reprotect.JOIN_SNAPSHOT)
+        point = reprotect.JoinPoint(name, 0, logged_at, done - started, saved - started,
+                                    done - saved, attempts)
+        emit(log, "recording", qemu_pid=self.machine.pid, resumed=name, snapshots_dropped=dropped)
         emit(log, "join-point", **point.json())
         return point
 

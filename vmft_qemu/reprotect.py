@@ -8,12 +8,14 @@ recording did (loading arms timers, e.g. virtio-net's announce timer, that a
 recording which merely saved never had, and the replay then waits for clock
 checkpoints the log does not have), so both sides start from the snapshot:
 
-1. The primary stops its guest and `savevm vmft-join` (the VM state into the
-   snapshot drive, the disk's blocks into the disk), then replaces its QEMU:
-   the new recording loads that snapshot (`-loadvm`), saves it again as its
-   record/replay start (`rrsnapshot`, which also resets the recording's
-   counters, e.g. blkreplay's request ids, as the loading replay will have
-   them) and waits (`-S`) until its controller reads its log from byte 0 and
+1. The primary stops its guest and `savevm vmft-join-N` (a new name for each
+   join; the VM state into the snapshot drive, the disk's blocks into the
+   disk), then replaces its QEMU.  Between the two QEMUs it deletes every
+   other snapshot from both files (`drop_snapshots`): only there is that
+   safe.  The new recording loads the join snapshot (`-loadvm`), saves it
+   again as its record/replay start (`rrsnapshot`, which also resets the
+   recording's counters, e.g. blkreplay's request ids, as the loading replay
+   will have them) and waits (`-S`) until its controller reads its log from byte 0 and
    says `cont` (`save_join_snapshot`, `PrimaryController._restart_recording`).
    The new log counts on from the icount of the old recording's last event
    before the snapshot, not from the stop (`logged_icount`).  A primary that
@@ -25,7 +27,7 @@ checkpoints the log does not have), so both sides start from the snapshot:
    the snapshot, read from the running
    image without locking it (`qemu-img convert -U -l`), only the clusters that
    differ from the image's backing file.
-3. The new backup starts its replaying QEMU with `rrsnapshot=vmft-join` and
+3. The new backup starts its replaying QEMU with `rrsnapshot=vmft-join-N` and
    feeds it the new recording's log from byte 0.  One thing is asymmetric:
    the replay's snapshot load drops the event kind it had read ahead (the
    snapshot holds no usable log position: QEMU's `ftell` fails on the record
@@ -48,7 +50,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Callable, TypeVar
@@ -57,7 +61,6 @@ from qemu.qmp import QMPClient
 
 from . import log_channel as lc
 from .events import emit
-from .go_live import SNAPSHOT as GO_LIVE_SNAPSHOT
 from .machine import savevm
 from .replay_log import (AUDIO_OUT, CHECKPOINT_INIT, CHECKPOINT_RESET, INSTRUCTION, SHUTDOWN_FIRST,
                          SHUTDOWN_LAST, Event)
@@ -65,7 +68,7 @@ from .replay_log import (AUDIO_OUT, CHECKPOINT_INIT, CHECKPOINT_RESET, INSTRUCTI
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-JOIN_SNAPSHOT = "vmft-join"
+JOIN_SNAPSHOT_NAME = re.compile(r"vmft-join-[0-9]+")
 # What a recording started from a snapshot logs before it loads it: the
 # machine's creation (QEMU's CHECKPOINT_INIT and CHECKPOINT_RESET).
 CREATION_EVENTS = bytes([CHECKPOINT_INIT, CHECKPOINT_RESET])
@@ -83,6 +86,7 @@ class JoinError(RuntimeError):
 class JoinPoint:
     """Where the new backup's replay starts, and what taking it cost."""
 
+    snapshot: str  # the join snapshot both sides start from
     offset: int  # log offset the new backup's log starts at (the new recording's start)
     icount: int  # instruction count the new log counts from (`logged_icount`)
     pause_s: float  # the guest was stopped this long
@@ -90,29 +94,57 @@ class JoinPoint:
     restart_s: float  # and the new recording's start from the snapshot
     savevm_attempts: int
 
-    def json(self) -> dict[str, float]:
-        return {"offset": self.offset, "icount": self.icount, "pause_s": round(self.pause_s, 4),
-                "savevm_s": round(self.savevm_s, 4), "restart_s": round(self.restart_s, 4),
-                "savevm_attempts": self.savevm_attempts}
+    def json(self) -> dict[str, float | str]:
+        return {"snapshot": self.snapshot, "offset": self.offset, "icount": self.icount,
+                "pause_s": round(self.pause_s, 4), "savevm_s": round(self.savevm_s, 4),
+                "restart_s": round(self.restart_s, 4), "savevm_attempts": self.savevm_attempts}
 
 
-async def save_join_snapshot(qmp: QMPClient, timeout: float = 10.0) -> tuple[int, int]:
-    """Step 1's first half: stop the guest and `savevm vmft-join`; the guest
-    stays stopped.  Returns the icount it stopped at and the attempts taken
-    (`machine.savevm`).  If it fails, the guest runs on alone.
+def join_snapshot_name() -> str:
+    """A name no snapshot in the VM's files has: `savevm` with a name that
+    exists deletes the old snapshot first, which is not safe (`drop_snapshots`)."""
+    return f"vmft-join-{time.time_ns()}"
 
-    A primary that went live still has the go-live snapshot in its drives; it
-    is dropped first, with the guest running, so that the snapshot drive
-    shipped holds one VM state, and savevm reuses its clusters instead of
-    growing the file (measured: 0.13 s instead of 0.6 to 0.8 s)."""
-    out = await qmp.execute("human-monitor-command", {"command-line": f"delvm {GO_LIVE_SNAPSHOT}"})
-    if out.strip():  # not there is no error; this one costs time and bytes, not the join
-        emit(log, "go-live-snapshot-kept", logging.WARNING, error=out.strip())
+
+async def save_join_snapshot(qmp: QMPClient, name: str,
+                             timeout: float = 10.0) -> tuple[int, int]:
+    """Step 1's first half: stop the guest and `savevm NAME`; the guest stays
+    stopped.  Returns the icount it stopped at and the attempts taken
+    (`machine.savevm`).  If it fails, the guest runs on alone."""
     try:
-        return await savevm(qmp, JOIN_SNAPSHOT, timeout, JoinError)
+        return await savevm(qmp, name, timeout, JoinError)
     except JoinError:
         await qmp.execute("cont")
         raise
+
+
+def drop_snapshots(files: list[Path], keep: str) -> int:
+    """Between the old recording's exit and the new one's start: delete every
+    snapshot but `keep` from the VM's files (the go-live snapshot, the last
+    join's), so that the snapshot drive shipped holds one VM state and the
+    next savevm reuses their clusters (measured: 0.13 s instead of 0.6 to
+    0.8 s into a drive that still held the go-live snapshot).  Returns the
+    snapshots deleted; a failure costs bytes, not the join, and is logged.
+
+    Only a QEMU-less file is safe for this.  QEMU drains a disk before it
+    deletes a snapshot on it (`delvm`, or `savevm` over an existing name),
+    and under record/replay a disk request the host has completed waits in
+    the replay queue until the vCPU logs it: the main loop waits for the
+    vCPU, which waits for the main loop, and the guest stands still for
+    good (seen: a join after a takeover, its `delvm vmft-go-live` on the
+    running guest, hung with the go-live snapshot gone from the snapshot
+    drive and still on the disk)."""
+    dropped = 0
+    for path in files:
+        try:
+            info = json.loads(_qemu_img("info", "--output=json", str(path)))
+            for snap in info.get("snapshots", []):
+                if snap["name"] != keep:
+                    _qemu_img("snapshot", "-d", snap["name"], str(path))
+                    dropped += 1
+        except (JoinError, ValueError) as e:
+            emit(log, "stale-snapshots-kept", logging.WARNING, file=str(path), error=str(e))
+    return dropped
 
 
 def logged_icount(last_words: list[Event], stopped_at: int) -> int:
@@ -200,21 +232,21 @@ def _qemu_img(*args: str) -> str:
     return done.stdout
 
 
-def export_disk(disk: Path, out: Path) -> None:
+def export_disk(disk: Path, out: Path, snapshot: str) -> None:
     """The disk as of the join snapshot, read from the running image (-U), as a
     qcow2 on the same backing file holding only the clusters that differ."""
     info = json.loads(_qemu_img("info", "-U", "--output=json", str(disk)))
     backing = ["-B", info["full-backing-filename"], "-F", info["backing-filename-format"]] \
         if info.get("full-backing-filename") else []
     out.unlink(missing_ok=True)
-    _qemu_img("convert", "-U", "-l", f"snapshot.name={JOIN_SNAPSHOT}", "-O", "qcow2",
+    _qemu_img("convert", "-U", "-l", f"snapshot.name={snapshot}", "-O", "qcow2",
               *backing, str(disk), str(out))
 
 
-def adopt_disk(disk: Path) -> None:
+def adopt_disk(disk: Path, snapshot: str) -> None:
     """On the new backup: give the received disk the join snapshot `-loadvm`
     looks for in every drive (its blocks are already the snapshot's)."""
-    _qemu_img("snapshot", "-c", JOIN_SNAPSHOT, str(disk))
+    _qemu_img("snapshot", "-c", snapshot, str(disk))
 
 
 def _digest(path: Path) -> str:
@@ -225,11 +257,12 @@ def _digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def state_files(snapshots: Path, disk: Path | None, scratch: Path) -> list[StateFile]:
+def state_files(snapshots: Path, disk: Path | None, scratch: Path,
+                snapshot: str) -> list[StateFile]:
     """Step 3's files: the snapshot drive as it is, the disk exported."""
     files = [("snapshots.qcow2", snapshots)]
     if disk is not None:
-        export_disk(disk, scratch)
+        export_disk(disk, scratch, snapshot)
         files.append(("disk.qcow2", scratch))
     return [StateFile(name, path, path.stat().st_size, _digest(path), data_extents(path))
             for name, path in files]
@@ -255,8 +288,9 @@ async def ship_state(sender: lc.Sender, point: JoinPoint, epoch: int,
     """Send JOIN (the join point, the pair's epoch, the files) and the files'
     bytes as STATE frames; returns the bytes sent."""
     await sender.send(lc.FrameType.JOIN, point.offset, point.icount, lc.json_payload({
-        "epoch": epoch, "files": [{"name": f.name, "size": f.size, "sha256": f.sha256,
-                                   "data": f.data} for f in files]}))
+        "epoch": epoch, "snapshot": point.snapshot,
+        "files": [{"name": f.name, "size": f.size, "sha256": f.sha256, "data": f.data}
+                  for f in files]}))
     total = sum(f.data for f in files)
     sent = 0
     for index, f in enumerate(files):
@@ -283,6 +317,9 @@ class StateReceiver:
     def __init__(self, run_dir: Path, join: lc.Frame) -> None:
         body = join.json()
         self.epoch = int(body["epoch"])
+        self.snapshot = str(body.get("snapshot"))
+        if not JOIN_SNAPSHOT_NAME.fullmatch(self.snapshot):  # it goes into QEMU's options
+            raise lc.ProtocolMismatch(f"JOIN names no join snapshot: {self.snapshot!r}")
         self.offset, self.icount = join.offset, join.icount
         self.files = body["files"]
         for f in self.files:
@@ -336,7 +373,7 @@ class StateReceiver:
             if h.hexdigest() != f["sha256"]:
                 raise lc.CorruptFrame(f"{f['name']}: SHA-256 does not match the JOIN frame's")
         if any(f["name"] == "disk.qcow2" for f in self.files):
-            adopt_disk(self.run_dir / "disk.qcow2")
+            adopt_disk(self.run_dir / "disk.qcow2", self.snapshot)
         emit(log, "join-state-received", bytes=self.total, epoch=self.epoch,
              offset=self.offset, icount=self.icount)
 
