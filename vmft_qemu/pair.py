@@ -52,7 +52,7 @@ class LocalPair:
                  network: Topology | None = None, extra_config: str = "",
                  primary_target_address: str | None = None, lock: str | None = None,
                  failure: str = "", nfs: NfsServer | None = None,
-                 launcher: str = "qemu") -> None:
+                 launcher: str = "qemu", primary: str = "") -> None:
         """With `network`, the primary runs on host "a" and the backup on "b"
         of that topology, the guest has a NIC on its LAN, and the log channel
         runs over the hosts' FT link; without, both run here on loopback.
@@ -60,7 +60,8 @@ class LocalPair:
         lock directory under `root` (one machine: shared storage for free),
         or with `nfs` (a server in the network's storage namespace) they
         speak NFS to it.
-        `failure` is added to the [failure] table.  `launcher`: who starts
+        `failure` is added to the [failure] table, `primary` to the
+        [primary] table.  `launcher`: who starts
         both QEMUs (vm.launcher: "qemu" or "libvirt")."""
         self.root = root
         self.log_port = log_port or free_port()
@@ -95,7 +96,7 @@ class LocalPair:
                 f'[vm]\nname = "{self.name}"\nworkload = "{workload}"\n{nic}'
                 f'launcher = "{launcher}"\n'
                 f'[primary]\nrun_dir = "{self.run_dir("primary")}"\n{tap}'
-                f'metrics_port = {self.metrics_port["primary"]}\n'
+                f'metrics_port = {self.metrics_port["primary"]}\n{primary}'
                 f'[backup]\nrun_dir = "{self.run_dir("backup")}"\n{tap}'
                 f'metrics_port = {self.metrics_port["backup"]}\n'
                 f'address = "{addr}"\nlog_port = {port}\n'
