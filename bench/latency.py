@@ -200,7 +200,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--pages", type=int, default=50)
-    parser.add_argument("--log-flush-us", type=int, default=from_dict({}).primary.log_flush_us,
+    default_flush_us = from_dict({}).primary.log_flush_us  # what the FT primary runs with
+    parser.add_argument("--log-flush-us", type=int, default=default_flush_us,
                         metavar="US", help="the logflush interval of record-net and of both "
                         "FT sides (primary.log_flush_us; default: the configuration's, %(default)s)")
     args = parser.parse_args()
@@ -247,8 +248,7 @@ def main() -> int:
                f"Gate, p50: stamped {ft['gate_stamp_ms_p50']:.2f} ms and released "
                f"{ft['gate_hold_ms_p50']:.2f} ms after a frame reached the primary's controller."]
     md += ["", *_breakdown(plain, record, ft, runs["ft_alone"])]
-    default = from_dict({}).primary.log_flush_us
-    report_file.write("latency" if flush_us == default else f"latency-logflush-{flush_us}us",
+    report_file.write("latency" if flush_us == default_flush_us else f"latency-logflush-{flush_us}us",
                       report, md)
     return 0
 

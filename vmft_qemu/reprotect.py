@@ -15,8 +15,8 @@ checkpoints the log does not have), so both sides start from the snapshot:
    safe.  The new recording loads the join snapshot (`-loadvm`), saves it
    again as its record/replay start (`rrsnapshot`, which also resets the
    recording's counters, e.g. blkreplay's request ids, as the loading replay
-   will have them) and waits (`-S`) until its controller reads its log from byte 0 and
-   says `cont` (`save_join_snapshot`, `PrimaryController._restart_recording`).
+   will have them) and waits (`-S`) until its controller reads its log from
+   byte 0 and says `cont` (`save_join_snapshot`, `PrimaryController._restart_recording`).
    The new log counts on from the icount of the old recording's last event
    before the snapshot, not from the stop (`logged_icount`).  A primary that
    went live loads nothing of its replay's place in the log: go-live rewrote
