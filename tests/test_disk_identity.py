@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vmft_qemu import cli, disk_identity as di, images
-from vmft_qemu.machine import MachinePaths
+from vmft_qemu.machine import MachinePaths, Role, VMSpec, command_line
 
 MIB = 1 << 20
 
@@ -110,3 +110,17 @@ def test_vmft_disk_compare(tmp_path: Path, copies: tuple[Path, Path],
     primary.unlink()
     assert cli.main(["disk", "compare", "--config", str(config)]) == 2
     assert "no disk copy at" in capsys.readouterr().err
+
+
+def test_only_the_backups_copy_is_written_without_flushes(tmp_path: Path,
+                                                         image: images.GuestImage) -> None:
+    """A replay waits at each disk completion until its own request has completed,
+    so the backup's QEMU must not wait for the host's disk on a guest flush; its
+    copy is made durable when it goes live (go-live's event log: test_failover)."""
+    def drive_of_disk(role: Role) -> str:
+        argv = command_line(VMSpec(name="d", memory_mib=256, image=image), role,
+                            MachinePaths(tmp_path), rrfile=tmp_path / "log")
+        return next(a for a in argv if "id=disk0-img" in a)
+    assert drive_of_disk(Role.REPLAY).endswith(",cache.no-flush=on")
+    for role in (Role.RECORD, Role.ICOUNT, Role.PLAIN):
+        assert "no-flush" not in drive_of_disk(role)

@@ -159,6 +159,8 @@ def check_takeover_story(pair: LocalPair, with_report: bool) -> None:
     lost, won, live = (order.index("partner-lost"), order.index("go-live-lock"),
                        order.index("going-live"))
     assert lost < won < live and backup[won]["won"] is True
+    # The replay wrote its disk copy without flushing: durable before it runs live.
+    assert live < order.index("disk-made-durable") < len(order) - 1 - order[::-1].index("starting")
     assert states(pair.events("primary"))[-1] in ("protected", "lagging")  # killed while so
     if not with_report:
         return

@@ -374,6 +374,7 @@ class BackupController(Stateful):
         self.live_icount = self.feeder.fed_icount
         await self.machine.stop()
         go_live.hand_over(self.machine.paths.snapshots)
+        go_live.make_durable([self.machine.paths.disk, self.machine.paths.snapshots])
 
     async def run(self) -> str:
         """Replay until the guest shuts down or the primary fails.

@@ -25,6 +25,9 @@ QEMU has no switch from replay to live execution, so the backup:
    recording saves it (`hand_over`): a replay's snapshot holds the event it
    had read ahead, which the recording would carry on into the snapshot of
    any later join, where the new backup's replay would wait for it forever;
+   and makes this host's disk copy durable (`make_durable`): the replay ran
+   without flushing it (`machine.command_line`), since a backup's copy is
+   lost with its host anyway until it goes live;
 6. the caller then starts a record-mode QEMU from that snapshot (`-loadvm`),
    on this host's disk copy, and puts it on the LAN.
 """
@@ -208,3 +211,23 @@ def hand_over(snapshots: Path) -> None:
     else:
         # The VM still runs on; a later join would stall at its start.
         emit(log, "replay-state-not-found", level=logging.WARNING, snapshots=str(snapshots))
+
+
+def make_durable(files: list[Path]) -> float:
+    """Step 5: what the replay wrote without flushing reaches this host's disk
+    before the VM runs live from it; returns the seconds it took."""
+    start = time.monotonic()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    directory = os.open(files[0].parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+    took = time.monotonic() - start
+    emit(log, "disk-made-durable", files=[p.name for p in files], seconds=round(took, 4))
+    return took
