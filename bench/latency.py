@@ -121,7 +121,9 @@ def _wait_net(console: Callable[[], Path], timeout: float) -> None:
 def run_ft(requests: int, pages: int, work: Path,
            log_flush_us: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """The FT pair's load, then the same load on its primary once the backup is gone.
-    Both sides' QEMUs kick their vCPU every `log_flush_us` (primary.log_flush_us)."""
+    The primary's QEMU pushes its log out every `log_flush_us` (primary.log_flush_us)
+    and wakes its vCPU as inputs are queued; the backup's wakes its replay every
+    backup.replay_kick_us (logflush.c)."""
     with Topology() as topo:
         pair = LocalPair(work, name="bench", network=topo,
                          primary=f"log_flush_us = {log_flush_us}\n")
@@ -196,26 +198,52 @@ def _breakdown(plain: dict[str, Any], record: dict[str, Any], ft: dict[str, Any]
         "", f"CPU use during the FT load (cores): {cpu}."]
 
 
+def _median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One mode's rounds as one result: each number's median, each flag all true."""
+    merged: dict[str, Any] = {}
+    for key, first in results[0].items():
+        values = [r[key] for r in results]
+        if isinstance(first, bool):
+            merged[key] = all(values)
+        elif isinstance(first, dict):
+            merged[key] = _median_of(values)
+        else:
+            merged[key] = statistics.median(values)
+    return merged
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--pages", type=int, default=50)
     default_flush_us = from_dict({}).primary.log_flush_us  # what the FT primary runs with
     parser.add_argument("--log-flush-us", type=int, default=default_flush_us,
-                        metavar="US", help="the logflush interval of record-net and of both "
-                        "FT sides (primary.log_flush_us; default: the configuration's, %(default)s)")
+                        metavar="US", help="how often record-net and the FT primary push their "
+                        "log out (primary.log_flush_us; default: the configuration's, %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3, metavar="N",
+                        help="run every mode N times, in turn, and report each figure's median "
+                        "(single runs on this machine differ by up to 20 ms; default %(default)s)")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     image = locate()
     flush_us = args.log_flush_us
-    runs: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="vmft-bench-lat-") as tmp:
-        for mode, role, flush in (("plain_net", Role.ICOUNT, 0), ("record_bare", Role.RECORD, 0),
-                                  ("record_net", Role.RECORD, flush_us)):
-            runs[mode] = run_alone(image, role, args.requests, args.pages, Path(tmp) / mode, flush)
-            print(f"{mode}: {runs[mode]}", flush=True)
-        runs["ft"], runs["ft_alone"] = run_ft(args.requests, args.pages, Path(tmp) / "ft",
-                                            flush_us)
-        print(f"ft: {runs['ft']}\nft_alone: {runs['ft_alone']}", flush=True)
+    rounds: list[dict[str, dict[str, Any]]] = []
+    for n in range(args.rounds):
+        one: dict[str, dict[str, Any]] = {}
+        with tempfile.TemporaryDirectory(prefix="vmft-bench-lat-") as tmp:
+            for mode, role, flush in (("plain_net", Role.ICOUNT, 0),
+                                      ("record_bare", Role.RECORD, 0),
+                                      ("record_net", Role.RECORD, flush_us)):
+                one[mode] = run_alone(image, role, args.requests, args.pages,
+                                      Path(tmp) / mode, flush)
+                print(f"round {n + 1}/{args.rounds} {mode}: {one[mode]}", flush=True)
+            one["ft"], one["ft_alone"] = run_ft(args.requests, args.pages, Path(tmp) / "ft",
+                                              flush_us)
+            print(f"round {n + 1}/{args.rounds} ft: {one['ft']}\nft_alone: {one['ft_alone']}",
+                  flush=True)
+        rounds.append(one)
+    runs = {mode: _median_of([one[mode] for one in rounds]) for mode in rounds[0]}
     plain, record, ft = runs["plain_net"], runs["record_net"], runs["ft"]
     added = ft["p50_ms"] - plain["p50_ms"]
     added_rec = ft["p50_ms"] - record["p50_ms"]
@@ -223,7 +251,8 @@ def main() -> int:
     ratio_rec = ft["requests_per_s"] / record["requests_per_s"]
     report = {
         "benchmark": "latency", "requests": args.requests, "pages": args.pages,
-        "log_flush_us": flush_us, **runs,
+        "log_flush_us": flush_us, "rounds": len(rounds), **runs,
+        "p50_ms_by_round": {mode: [one[mode]["p50_ms"] for one in rounds] for mode in runs},
         "added_p50_ms": added, "added_p50_ms_over_record": added_rec,
         "throughput_ratio": ratio, "throughput_ratio_over_record": ratio_rec,
         "page_rate_ratio": ft["pages_per_s"] / plain["pages_per_s"],
@@ -232,10 +261,15 @@ def main() -> int:
                     "throughput_ratio_over_record >= 0.8": ratio_rec >= 0.8},
     }
     md = [f"# Output rule cost: {args.requests} counter requests, {args.pages} pages of 5 KiB", "",
+          f"Each figure is the median of {len(rounds)} rounds (every mode once per round, in "
+          "turn); p50 ms by round: " + "; ".join(
+              f"{mode} {', '.join(f'{p:.1f}' for p in report['p50_ms_by_round'][mode])}"
+              for mode in runs) + ".", "",
           "| mode | p50 ms | p99 ms | requests/s | pages/s | log KiB/s |", "|---|---|---|---|---|---|"]
     for name, r in (("plain-net (icount, no FT)", plain),
                     ("record-bare (rr=record as QEMU ships it, no FT)", runs["record_bare"]),
-                    (f"record-net (rr=record + logflush {flush_us} us, no FT)", record),
+                    (f"record-net (rr=record + logflush: inputs at once, log every {flush_us} us; "
+                     "no FT)", record),
                     ("ft", ft),
                     ("ft-alone (the FT primary after its backup is gone: gate open)",
                      runs["ft_alone"])):

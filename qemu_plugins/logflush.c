@@ -5,15 +5,14 @@
  * Part of vmft's output rule: every packet the output gate holds waits for
  * the backup's ACK of the log up to it, and every request the guest serves
  * waits for its disk writes to complete.  Inside a recording QEMU both stall
- * in two places, and this plugin's one thread bounds both, every
- * `interval_us` microseconds:
+ * in two places, and this plugin's one thread bounds both:
  *
  * 1. The log sits in QEMU's stdio buffer (4 KiB on a pipe) until it fills:
- *    at an idle guest's ~30 KiB/s that is 100 ms and more.  The thread calls
- *    fflush(NULL), pushing whatever the log holds into the pipe.  glibc locks
- *    each stream, so the flush is safe against the threads writing events,
- *    and fflush(NULL) takes the list of open streams under glibc's lock, so a
- *    log closed at exit is never touched.
+ *    at an idle guest's ~30 KiB/s that is 100 ms and more.  Every
+ *    `interval_us` the thread calls fflush(NULL), pushing whatever the log
+ *    holds into the pipe.  glibc locks each stream, so the flush is safe
+ *    against the threads writing events, and fflush(NULL) takes the list of
+ *    open streams under glibc's lock, so a log closed at exit is never touched.
  *
  * 2. Under record, QEMU queues each disk completion (blkreplay) and each
  *    inbound packet (filter-replay) as an "async event"; only the vCPU
@@ -24,36 +23,51 @@
  *    waits for the guest's next timer interrupt: measured, a durable counter
  *    write (five fsyncs' worth of sequential disk round trips) took 15-25 ms
  *    longer recorded than under plain icount.  Queued work on the vCPU makes
- *    it not idle, so the thread also makes QEMU queue a no-op work item on
- *    every vCPU: it toggles the registration of a syscall callback.  Syscall
- *    callbacks exist only in user-mode emulation, so this callback never
- *    runs; but each change of a plugin event mask makes QEMU's plugin core
- *    queue a mask update on every vCPU (async_run_on_cpu), and the vCPU loop
- *    then runs once and delivers what is queued.  This is the same wake-up
- *    QEMU itself uses for a halted vCPU when a virtual timer is re-armed
- *    (qemu_timer_notify_cb), so the recording only gains loop iterations of
- *    the kind it already has many of.  Measured, it cut the wait from 2.2 ms
- *    to 0.6 ms (median) and a counter request by ~10 ms.  The thread kicks,
- *    waits an eighth of the interval and then flushes, so the checkpoint
- *    the kick makes the vCPU log leaves in the same round.
+ *    it not idle, so the thread wakes the vCPU by making QEMU queue a no-op
+ *    work item on it: it toggles the registration of a syscall callback.
+ *    Syscall callbacks exist only in user-mode emulation, so this callback
+ *    never runs; but each change of a plugin event mask makes QEMU's plugin
+ *    core queue a mask update on every vCPU (async_run_on_cpu), and the vCPU
+ *    loop then runs once and delivers what is queued.  This is the same
+ *    wake-up QEMU itself uses for a halted vCPU when a virtual timer is
+ *    re-armed (qemu_timer_notify_cb).
  *
- * 3. The replay must wake the same way.  Each wake-up of an idle recording
- *    logs a checkpoint (CHECKPOINT_CLOCK_WARP_ACCOUNT) that only the
- *    replaying vCPU thread can consume, and nothing in a replaying QEMU
- *    wakes its halted vCPU for it before the main loop's warp timer runs
- *    out, which is up to the guest's next timer: measured, an idle pair
- *    whose recording alone kicked fell behind 8 s in 30 s (throttled at
- *    0.88); with the replay kicking too it stayed 22 ms behind (median).
- *    So the backup's QEMU loads this plugin too.  Waking a replay is
- *    harmless: it consumes only what the log says, when the log says so.
+ *    kick=inputs (the recording): the thread looks every `poll_us` (100)
+ *    whether QEMU has inputs queued and wakes the vCPU only then.  QEMU's
+ *    binary exports replay_has_events(), which only tests the queue's head
+ *    pointer; it is not part of the plugin API, so the plugin looks it up
+ *    at load and refuses kick=inputs without it.  The test reads that
+ *    pointer without QEMU's replay mutex: at worst a wake-up comes one poll
+ *    late or is one too many, and a wake-up changes no guest state.  After
+ *    50 ms without inputs the thread looks only every `interval_us` (an idle
+ *    guest's first input then waits up to that long): polling at 100 us
+ *    costs a tenth of a core.  Measured against waking every 2 ms
+ *    (kick=on), in alternating runs of bench/latency.py, the FT pair served
+ *    19.1 instead of 16.6 counter requests/s at a p50 of 47.5 instead of
+ *    56.8 ms (medians of 3 runs), and an idle recording logs 24 instead of
+ *    54 KiB/s: a wake-up with nothing to deliver still logs a checkpoint.  Waking more often on a clock is no substitute: at 500 and
+ *    250 us the pair got slower (the log's extra checkpoints and flushes
+ *    cost the replay and both controllers CPU).
+ *
+ * 3. kick=on (the replay) wakes the vCPU every `interval_us`.  Each wake-up
+ *    of a recording logs a checkpoint (CHECKPOINT_CLOCK_WARP_ACCOUNT) that
+ *    only the replaying vCPU thread can consume, and nothing in a replaying
+ *    QEMU wakes its halted vCPU for it before the main loop's warp timer
+ *    runs out, which is up to the guest's next timer: measured, an idle pair
+ *    whose recording alone kicked fell behind 8 s in 30 s; with the replay
+ *    kicking too it stayed 22 ms behind (median).  So the backup's QEMU loads
+ *    this plugin too.  Waking a replay is harmless: it consumes only what the
+ *    log says, when the log says so.  The thread kicks, waits an eighth of
+ *    the interval and then flushes.
  *
  * The plugin registers no instrumentation: translation and guest execution
  * are unchanged, and every input stays in the log at the instruction it was
  * delivered at.
  *
- * Usage: -plugin liblogflush.so,interval_us=2000[,kick=on|off]
+ * Usage: -plugin liblogflush.so,interval_us=2000[,kick=inputs|on|off][,poll_us=100]
  */
 
+#include <dlfcn.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -66,11 +80,15 @@
 
 QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 
+#define BUSY_NS 50000000L /* kick=inputs polls fast this long after an input */
+
 static atomic_bool stopping;
 static pthread_t flusher;
-static struct timespec interval, before_kick, settle;
+static struct timespec interval, before_kick, settle, poll_span;
+static long interval_ns;
 static qemu_plugin_id_t self;
-static bool kick = true; /* 2. and 3. above */
+static enum { KICK_OFF, KICK_ON, KICK_INPUTS } kick = KICK_ON;
+static bool (*inputs_queued)(void); /* QEMU's replay_has_events() */
 
 /* Never called in system emulation: registering it only changes the event mask. */
 static void no_syscall(qemu_plugin_id_t id, unsigned int vcpu_index, int64_t num,
@@ -81,6 +99,14 @@ static void no_syscall(qemu_plugin_id_t id, unsigned int vcpu_index, int64_t num
     (void)a4, (void)a5, (void)a6, (void)a7, (void)a8;
 }
 
+/* 2. above: QEMU queues a no-op work item on every vCPU. */
+static void wake_vcpu(void)
+{
+    static bool registered;
+    registered = !registered;
+    qemu_plugin_register_vcpu_syscall_cb(self, registered ? no_syscall : NULL);
+}
+
 static void sleep_for(struct timespec span)
 {
     while (nanosleep(&span, &span) == -1 && errno == EINTR) {
@@ -88,21 +114,49 @@ static void sleep_for(struct timespec span)
     }
 }
 
+static long now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1000000000L + t.tv_nsec;
+}
+
+/* kick=inputs: wake the vCPU whenever inputs are queued, until a flush is due. */
+static void wake_on_inputs_until(long flush_at)
+{
+    static long last_input;
+    while (!atomic_load(&stopping)) {
+        long now = now_ns();
+        if (now >= flush_at) {
+            return;
+        }
+        sleep_for(now - last_input < BUSY_NS ? poll_span : interval);
+        if (inputs_queued()) {
+            wake_vcpu();
+            last_input = now_ns();
+        }
+    }
+}
+
 static void *flush_forever(void *unused)
 {
     (void)unused;
-    bool registered = false;
     while (!atomic_load(&stopping)) {
-        if (kick) {
+        switch (kick) {
+        case KICK_INPUTS:
+            wake_on_inputs_until(now_ns() + interval_ns);
+            break;
+        case KICK_ON:
             /* Wake the vCPU, then give it `settle` to log what it delivers
              * (a checkpoint, the queued inputs), so this round's flush
              * carries them rather than the next one's. */
             sleep_for(before_kick);
-            registered = !registered;
-            qemu_plugin_register_vcpu_syscall_cb(self, registered ? no_syscall : NULL);
+            wake_vcpu();
             sleep_for(settle);
-        } else {
+            break;
+        case KICK_OFF:
             sleep_for(interval);
+            break;
         }
         fflush(NULL);
     }
@@ -118,32 +172,61 @@ static void stop_flusher(qemu_plugin_id_t id, void *unused)
     fflush(NULL);
 }
 
-/* Parses interval_us=N and kick=on|off; returns the interval, or -1 on a bad argument. */
-static long parse_args(int argc, char **argv)
+/* A microsecond count in 100 .. 1000000, or -1 (and a message) if `value` is none. */
+static long parse_us(const char *name, const char *value)
 {
-    long us = 2000;
+    char *end;
+    long us = strtol(value, &end, 10);
+    if (*value == '\0' || *end != '\0' || us < 100 || us > 1000000) {
+        fprintf(stderr, "logflush: %s must be 100 .. 1000000, not '%s'\n", name, value);
+        return -1;
+    }
+    return us;
+}
+
+/* The kick mode called `name`, or -1. */
+static int kick_named(const char *name)
+{
+    static const char *const kicks[] = {[KICK_OFF] = "off", [KICK_ON] = "on",
+                                        [KICK_INPUTS] = "inputs"};
+    for (size_t k = 0; k < sizeof(kicks) / sizeof(kicks[0]); k++) {
+        if (strcmp(name, kicks[k]) == 0) {
+            return (int)k;
+        }
+    }
+    return -1;
+}
+
+/* Parses interval_us=N, poll_us=N and kick=inputs|on|off into `us` and `poll_us`;
+ * returns false on a bad argument. */
+static bool parse_args(int argc, char **argv, long *us, long *poll_us)
+{
     for (int i = 0; i < argc; i++) {
         const char *value = strchr(argv[i], '=');
         size_t name_len = value ? (size_t)(value - argv[i]) : strlen(argv[i]);
-        if (value && name_len == strlen("interval_us") &&
-            strncmp(argv[i], "interval_us", name_len) == 0) {
-            char *end;
-            us = strtol(value + 1, &end, 10);
-            if (*end != '\0' || us < 100 || us > 1000000) {
-                fprintf(stderr, "logflush: interval_us must be 100 .. 1000000, not '%s'\n",
-                        value + 1);
-                return -1;
+        if (value && name_len == 11 && strncmp(argv[i], "interval_us", name_len) == 0) {
+            if ((*us = parse_us("interval_us", value + 1)) < 0) {
+                return false;
             }
-        } else if (value && name_len == strlen("kick") && strncmp(argv[i], "kick", name_len) == 0
-                   && (strcmp(value + 1, "on") == 0 || strcmp(value + 1, "off") == 0)) {
-            kick = strcmp(value + 1, "on") == 0;
+            continue;
+        }
+        if (value && name_len == 7 && strncmp(argv[i], "poll_us", name_len) == 0) {
+            if ((*poll_us = parse_us("poll_us", value + 1)) < 0) {
+                return false;
+            }
+            continue;
+        }
+        int named = value && name_len == 4 && strncmp(argv[i], "kick", 4) == 0
+                    ? kick_named(value + 1) : -1;
+        if (named >= 0) {
+            kick = named;
         } else {
             fprintf(stderr, "logflush: unknown argument '%s' "
-                    "(known: interval_us=N, kick=on|off)\n", argv[i]);
-            return -1;
+                    "(known: interval_us=N, poll_us=N, kick=inputs|on|off)\n", argv[i]);
+            return false;
         }
     }
-    return us;
+    return true;
 }
 
 static struct timespec span_us(long us)
@@ -154,18 +237,28 @@ static struct timespec span_us(long us)
 QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_t *info,
                                            int argc, char **argv)
 {
-    long us = parse_args(argc, argv);
-    if (us < 0) {
+    long us = 2000, poll_us = 100;
+    if (!parse_args(argc, argv, &us, &poll_us)) {
         return -1;
     }
     if (info->system_emulation == false) {
         fprintf(stderr, "logflush: only for system emulation (record/replay)\n");
         return -1;
     }
+    if (kick == KICK_INPUTS) {
+        inputs_queued = (bool (*)(void))dlsym(RTLD_DEFAULT, "replay_has_events");
+        if (inputs_queued == NULL) {
+            fprintf(stderr, "logflush: kick=inputs needs replay_has_events(), which this "
+                    "QEMU does not export; use kick=on\n");
+            return -1;
+        }
+    }
     self = id;
+    interval_ns = us * 1000;
     interval = span_us(us);
     settle = span_us(us / 8);
     before_kick = span_us(us - us / 8);
+    poll_span = span_us(poll_us);
     if (pthread_create(&flusher, NULL, flush_forever, NULL) != 0) {
         fprintf(stderr, "logflush: cannot start the flush thread\n");
         return -1;

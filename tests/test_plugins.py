@@ -18,14 +18,21 @@ def test_plugins_build_against_the_installed_qemu() -> None:
 def test_qemu_loads_logflush_and_it_refuses_bad_arguments(tmp_path: Path) -> None:
     base = ["qemu-system-x86_64", "-machine", "none", "-display", "none", "-nodefaults"]
     plugin = PLUGIN_DIR / "liblogflush.so"
-    ok = subprocess.run(base + ["-plugin", f"{plugin},interval_us=1000,kick=off", "-S", "-qmp",
-                                "stdio"],
-                        input='{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
-                        capture_output=True, text=True, timeout=60)
-    assert ok.returncode == 0, ok.stderr
-    bad = subprocess.run(base + ["-plugin", f"{plugin},interval_us=5"],
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode != 0 and "interval_us must be 100 .. 1000000" in bad.stderr
-    unknown = subprocess.run(base + ["-plugin", f"{plugin},kick=sometimes"],
-                             capture_output=True, text=True, timeout=60)
-    assert unknown.returncode != 0 and "known: interval_us=N, kick=on|off" in unknown.stderr
+
+    def run(args: str, **kw) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(base + ["-plugin", f"{plugin},{args}", *kw.get("extra", [])],
+                              input=kw.get("input"), capture_output=True, text=True, timeout=60)
+    # kick=inputs finds replay_has_events() in the QEMU binary; a QEMU without it
+    # would refuse here.
+    for ok_args in ("interval_us=1000,kick=off", "interval_us=2000,kick=inputs,poll_us=100",
+                    "interval_us=500,kick=on"):
+        ok = run(ok_args, extra=["-S", "-qmp", "stdio"],
+                 input='{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n')
+        assert ok.returncode == 0, (ok_args, ok.stderr)
+    bad = run("interval_us=5")
+    assert bad.returncode != 0 and "interval_us must be 100 .. 1000000, not '5'" in bad.stderr
+    bad_poll = run("kick=inputs,poll_us=x")
+    assert bad_poll.returncode != 0 and "poll_us must be 100 .. 1000000" in bad_poll.stderr
+    unknown = run("kick=sometimes")
+    assert unknown.returncode != 0 and \
+        "known: interval_us=N, poll_us=N, kick=inputs|on|off" in unknown.stderr

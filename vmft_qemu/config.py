@@ -25,7 +25,8 @@ an error naming its key and what is allowed.
     [primary]
     run_dir = "/run/vmft/demo/primary"
     tap = "vmft0"                 # this host's TAP on the LAN ("" for none)
-    log_flush_us = 2000           # push the replay log out of QEMU this often (0: off)
+    log_flush_us = 2000           # push the replay log out of QEMU this often; inputs
+                                  # reach the guest as soon as queued (0: neither)
     metrics_port = 0              # Prometheus text at http://HOST:PORT/metrics (0: off)
 
     [backup]
@@ -34,6 +35,8 @@ an error naming its key and what is allowed.
     address = "127.0.0.1"         # where the backup listens for the log channel
     log_port = 7400
     metrics_port = 0              # the backup's (and, after go-live, the new primary's)
+    replay_kick_us = 500          # wake the replay this often, to take the checkpoints
+                                  # the primary's wake-ups logged
 
     [lag]
     target_ms = 100               # backup at most this far behind (primary's clock)
@@ -116,6 +119,7 @@ class BackupConfig:
     address: str
     log_port: int
     metrics_port: int
+    replay_kick_us: int
 
 
 @dataclass(frozen=True)
@@ -272,6 +276,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "address": (_address, "127.0.0.1"),
         "log_port": (_int_range(1, 65535), 7400),
         "metrics_port": (_int_range(0, 65535), 0),
+        "replay_kick_us": (_int_range(100, 1_000_000), 500),
     },
     "lag": {
         "target_ms": (_int_range(10, 60_000), 100),

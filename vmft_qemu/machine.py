@@ -58,6 +58,7 @@ class VMSpec:
     ip: str | None = None  # the guest's address/prefix, e.g. 192.168.77.10/24
     tap: str | None = None  # NIC straight on this TAP: a baseline without FT
     log_flush_us: int = 0  # record side: flush the replay log this often (0: never)
+    replay_kick_us: int = 0  # replay side: wake the vCPU this often (0: never)
     throttle: bool = False  # record side: load the throttle plugin for lag control
     rtc_base: str = "2026-01-01T00:00:00"  # the guest's RTC at its first boot (UTC)
 
@@ -67,7 +68,8 @@ class VMSpec:
         return cls(name=vm.name, memory_mib=vm.memory_mib, image=image,
                    workload=vm.workload, icount_shift=vm.icount_shift, disk=vm.disk,
                    qemu=vm.qemu, mac=vm.mac or None, ip=vm.ip or None,
-                   log_flush_us=config.primary.log_flush_us, throttle=config.lag.control,
+                   log_flush_us=config.primary.log_flush_us,
+                   replay_kick_us=config.backup.replay_kick_us, throttle=config.lag.control,
                    rtc_base=vm.rtc_base)
 
     @property
@@ -185,11 +187,14 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
             if rrsnapshot:
                 icount += f",rrsnapshot={rrsnapshot}"
         args += ["-icount", icount]
-    if role in (Role.RECORD, Role.REPLAY) and spec.log_flush_us:
-        # Both sides wake their vCPU every interval (logflush.c): the recording
-        # so that queued inputs reach the guest at once, the replay so that it
-        # reaches the checkpoints those wake-ups logged at the same pace.
-        args += _plugin("logflush", f"interval_us={spec.log_flush_us}")
+    if role is Role.RECORD and spec.log_flush_us:
+        # logflush.c: the recording wakes its vCPU as soon as an input is
+        # queued, so that it reaches the guest at once, and pushes its log out
+        # every interval; the replay wakes its vCPU on a clock, to take the
+        # checkpoints those wake-ups logged.
+        args += _plugin("logflush", f"interval_us={spec.log_flush_us}", "kick=inputs")
+    if role is Role.REPLAY and spec.replay_kick_us:
+        args += _plugin("logflush", f"interval_us={spec.replay_kick_us}", "kick=on")
     if role is Role.RECORD and spec.throttle:
         # Only the recording is throttled; the replay needs no plugin.
         args += _plugin("throttle", f"control={paths.throttle}")
