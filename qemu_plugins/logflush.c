@@ -197,28 +197,29 @@ static int kick_named(const char *name)
     return -1;
 }
 
+/* The value in `arg` if it reads `name=value`, else NULL. */
+static const char *value_of(const char *arg, const char *name)
+{
+    size_t len = strlen(name);
+    return strncmp(arg, name, len) == 0 && arg[len] == '=' ? arg + len + 1 : NULL;
+}
+
 /* Parses interval_us=N, poll_us=N and kick=inputs|on|off into `us` and `poll_us`;
  * returns false on a bad argument. */
 static bool parse_args(int argc, char **argv, long *us, long *poll_us)
 {
     for (int i = 0; i < argc; i++) {
-        const char *value = strchr(argv[i], '=');
-        size_t name_len = value ? (size_t)(value - argv[i]) : strlen(argv[i]);
-        if (value && name_len == 11 && strncmp(argv[i], "interval_us", name_len) == 0) {
-            if ((*us = parse_us("interval_us", value + 1)) < 0) {
+        const char *value;
+        int named = -1;
+        if ((value = value_of(argv[i], "interval_us"))) {
+            if ((*us = parse_us("interval_us", value)) < 0) {
                 return false;
             }
-            continue;
-        }
-        if (value && name_len == 7 && strncmp(argv[i], "poll_us", name_len) == 0) {
-            if ((*poll_us = parse_us("poll_us", value + 1)) < 0) {
+        } else if ((value = value_of(argv[i], "poll_us"))) {
+            if ((*poll_us = parse_us("poll_us", value)) < 0) {
                 return false;
             }
-            continue;
-        }
-        int named = value && name_len == 4 && strncmp(argv[i], "kick", 4) == 0
-                    ? kick_named(value + 1) : -1;
-        if (named >= 0) {
+        } else if ((value = value_of(argv[i], "kick")) && (named = kick_named(value)) >= 0) {
             kick = named;
         } else {
             fprintf(stderr, "logflush: unknown argument '%s' "
