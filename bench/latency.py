@@ -159,8 +159,8 @@ def run_ft(requests: int, pages: int, work: Path,
             result["ack_delay_ms_p50"] = statistics.median(
                 s["ack_delay_ms"] for s in samples if s["ack_delay_ms"] is not None)
             result["gate_max_hold_ms"] = after["gate"]["max_hold_ms"]
-            # The gate's share: frame reached the controller -> stamped (one QMP
-            # query-replay per batch) -> released (the backup's ACK covers it).
+            # The gate's share: frame reached the controller -> stamped (a log
+            # flush on request per batch) -> released (the backup's ACK covers it).
             trail = read_jsonl(pair.run_dir("primary") / "gate.jsonl")[released_before:]
             result["gate_stamp_ms_p50"] = statistics.median(t["stamp_ms"] for t in trail)
             result["gate_hold_ms_p50"] = statistics.median(t["hold_ms"] for t in trail)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from vmft_qemu.events import read_jsonl
+from vmft_qemu.log_flush import REQUEST, FlushRequests
 from vmft_qemu.output_gate import OutputGate
 
 
@@ -54,3 +58,36 @@ def test_stamps_must_not_go_backwards() -> None:
     gate.hold(b"x", stamp=400, held_at=0.0)
     with pytest.raises(ValueError, match="older"):
         gate.hold(b"y", stamp=300, held_at=0.0)
+
+
+def test_a_flush_request_ends_only_with_the_answer_to_it_and_asks_again() -> None:
+    """The stamp's flush (log_flush.py): an answer counts only for the request
+    it echoes; with no plugin listening yet, or no answer, it asks again."""
+    async def main(tmp: Path) -> None:
+        loop = asyncio.get_running_loop()
+        plugin_at = tmp / "plugin.sock"
+        requests = FlushRequests(plugin_at, tmp / "controller.sock", retry_s=0.3)
+        flushed = asyncio.create_task(requests.flush())  # nobody listens yet
+        await asyncio.sleep(0)
+        plugin = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        plugin.bind(str(plugin_at))
+        plugin.setblocking(False)
+
+        async def next_request() -> tuple[int, str]:
+            data, sender = await asyncio.wait_for(loop.sock_recvfrom(plugin, 64), 5)
+            return REQUEST.unpack(data)[0], sender
+
+        first, sender = await next_request()  # not answered: asked again
+        second, _ = await next_request()
+        assert second > first
+        plugin.sendto(REQUEST.pack(first), sender)  # a late answer to the first: no use
+        third, _ = await next_request()
+        assert third > second and not flushed.done()
+        plugin.sendto(REQUEST.pack(third), sender)
+        await asyncio.wait_for(flushed, 5)
+        assert requests.retries == 3  # before the plugin listened, then twice
+        requests.close()
+        plugin.close()
+
+    with tempfile.TemporaryDirectory() as tmp:  # unix socket paths must be short
+        asyncio.run(main(Path(tmp)))

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 from vmft_qemu.machine import PLUGIN_DIR
@@ -35,4 +38,41 @@ def test_qemu_loads_logflush_and_it_refuses_bad_arguments(tmp_path: Path) -> Non
     assert bad_poll.returncode != 0 and "poll_us must be 100 .. 1000000" in bad_poll.stderr
     unknown = run("kick=sometimes")
     assert unknown.returncode != 0 and \
-        "known: interval_us=N, poll_us=N, kick=inputs|on|off" in unknown.stderr
+        "known: interval_us=N, poll_us=N, kick=inputs|on|off, flush_socket=PATH" in unknown.stderr
+
+
+def test_logflush_answers_each_flush_request_on_its_socket() -> None:
+    """flush_socket=PATH: every datagram comes back (after a flush), and the
+    socket is gone when QEMU exits."""
+    plugin = PLUGIN_DIR / "liblogflush.so"
+    with tempfile.TemporaryDirectory() as tmp:  # unix socket paths must be short
+        at, own = Path(tmp) / "flush.sock", Path(tmp) / "controller.sock"
+        qemu = subprocess.Popen(
+            ["qemu-system-x86_64", "-machine", "none", "-display", "none", "-nodefaults", "-S",
+             "-plugin", f"{plugin},interval_us=2000,kick=inputs,flush_socket={at}",
+             "-qmp", "stdio"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, text=True)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(str(own))
+            sock.settimeout(5)
+            deadline = time.monotonic() + 30
+            while not at.exists():
+                assert qemu.poll() is None and time.monotonic() < deadline, "no flush socket"
+                time.sleep(0.05)
+            for request in (b"\x01" * 8, b"\x02" * 8):
+                sock.sendto(request, str(at))
+                assert sock.recv(64) == request
+            _, stderr = qemu.communicate('{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n',
+                                         timeout=60)
+            assert qemu.returncode == 0, stderr
+            assert not at.exists()
+        finally:
+            sock.close()
+            if qemu.poll() is None:
+                qemu.kill()
+                qemu.wait()
+    bad = subprocess.run(["qemu-system-x86_64", "-machine", "none", "-display", "none",
+                          "-plugin", f"{plugin},flush_socket=/nonexistent/dir/flush.sock"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "cannot bind flush_socket" in bad.stderr

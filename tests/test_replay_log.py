@@ -124,6 +124,17 @@ def test_safe_point_is_just_past_the_last_warp_account_checkpoint() -> None:
     assert reader.icount == 15
 
 
+def test_the_reader_keeps_the_icount_of_the_last_bottom_half() -> None:
+    """The output gate's stamp: virtio-net sends the guest's frames from one."""
+    reader = rl.ReplayLogReader(icount=100)
+    assert reader.bh_icount == 100  # none yet: where the reader started
+    sent = (_ev(rl.INSTRUCTION, struct.pack(">I", 10)) + _ev(rl.ASYNC_BH, struct.pack(">Q", 110))
+            + _ev(rl.CHECKPOINT_CLOCK_WARP_ACCOUNT))
+    reader.split(sent + _ev(rl.INSTRUCTION, struct.pack(">I", 5))
+                 + _ev(rl.ASYNC_BH, b"\x00\x00"))  # the next one still incomplete
+    assert (reader.bh_icount, reader.safe_point, reader.icount) == (110, (len(sent), 110), 115)
+
+
 def test_the_reader_knows_which_disk_requests_completed_as_of_the_safe_point() -> None:
     reader = rl.ReplayLogReader()
     done = b"".join(_ev(rl.ASYNC_BLOCK, struct.pack(">Q", i)) for i in (0, 1, 3, 5))

@@ -112,6 +112,16 @@ class MachinePaths:
         return self.run_dir / "throttle.ctl"
 
     @property
+    def log_flush(self) -> Path:
+        """The logflush plugin's flush socket (`log_flush.FlushRequests`)."""
+        return self.run_dir / "logflush.sock"
+
+    @property
+    def log_flush_controller(self) -> Path:
+        """The controller's end of the flush socket."""
+        return self.run_dir / "logflush-controller.sock"
+
+    @property
     def guest_net(self) -> Path:
         """QEMU's end of the guest NIC's datagram socket."""
         return self.run_dir / "net-qemu.sock"
@@ -190,9 +200,10 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
     if role is Role.RECORD and spec.log_flush_us:
         # logflush.c: the recording wakes its vCPU as soon as an input is
         # queued, so that it reaches the guest at once, and pushes its log out
-        # every interval; the replay wakes its vCPU on a clock, to take the
-        # checkpoints those wake-ups logged.
-        args += _plugin("logflush", f"interval_us={spec.log_flush_us}", "kick=inputs")
+        # every interval and whenever the output gate asks; the replay wakes
+        # its vCPU on a clock, to take the checkpoints those wake-ups logged.
+        args += _plugin("logflush", f"interval_us={spec.log_flush_us}", "kick=inputs",
+                        f"flush_socket={paths.log_flush}")
     if role is Role.REPLAY and spec.replay_kick_us:
         args += _plugin("logflush", f"interval_us={spec.replay_kick_us}", "kick=on")
     if role is Role.RECORD and spec.throttle:

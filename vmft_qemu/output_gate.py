@@ -7,9 +7,11 @@ over has everything it needs to reach the same output, so the outside world
 never sees an output the backup could contradict.
 
 Every frame the primary's guest sends is stamped with an instruction count at
-least as late as the instruction that produced it (the primary's icount read
-after the frame arrived) and held here.  When an ACK says the backup has the
-log up to icount N, every held frame stamped <= N is released, in order.  The
+least as late as the instruction that produced it and held here.  The stamp
+is the icount of the log event QEMU writes before it sends the frame, found
+in the log after a flush on request (`PrimaryController._sent_by_now`,
+`log_flush.py`).  When an ACK says the backup has the log up to icount N (and
+could go live there), every held frame stamped <= N is released, in order.  The
 backup's gate stays shut: its guest's output is never released (QEMU's
 filter-replay drops it already).
 

@@ -35,6 +35,7 @@ from .events import Stateful, emit
 from .failure_detector import FailureDetector
 from .images import GuestImage
 from .lag_control import LagControl, Throttle
+from .log_flush import FlushRequests
 from .log_pipe import open_fifo
 from .machine import Role
 from .output_gate import OutputGate
@@ -179,6 +180,7 @@ class PrimaryController(Stateful):
         self.gate: OutputGate | None = None
         self._ports: list[Port] = []
         self._unstamped: list[tuple[bytes, float]] = []
+        self._flush_requests: FlushRequests | None = None  # the logflush plugin's socket
         self._tap: Port | None = None
         # DIGEST payloads to send; a backup gone for long loses the oldest.
         self._digests: collections.deque[bytes] = collections.deque(maxlen=100_000)
@@ -552,16 +554,33 @@ class PrimaryController(Stateful):
         self._stamp_wanted.set()
 
     async def _stamp_forever(self) -> None:
-        """Stamp the guest's frames with the primary's icount, read after they arrived."""
+        """Stamp the guest's frames with an icount at or after the one that sent them."""
         assert self.gate is not None
         while True:
             await self._stamp_wanted.wait()
             self._stamp_wanted.clear()
             batch, self._unstamped = self._unstamped, []
-            qmp = await self.machine.qmp()  # a join restarts QEMU
-            icount = (await qmp.execute("query-replay"))["icount"]
+            icount = await self._sent_by_now()
             for frame, arrived in batch:
                 self.gate.hold(frame, icount, arrived)
+
+    async def _sent_by_now(self) -> int:
+        """An icount at or after the sending of every frame that has arrived.
+
+        QEMU's vCPU thread logs the bottom half that sends the guest's frames
+        (an ASYNC_BH event) before it runs it, then a safe point at the same
+        icount, which the backup's ACKs are counted in.  With the logflush
+        plugin: the last such event in the log after a flush on request
+        (`log_flush.py`); about half the time the vCPU thread has not written
+        the safe point yet, and the next periodic flush brings it.  Without
+        the plugin: QEMU's icount by QMP, which is past that event too, but
+        later, so the frame waits for more log."""
+        if self._flush_requests is not None:
+            await self._flush_requests.flush()
+            self._on_record_readable(self._record_fd)  # all the flushed log, now in the pipe
+            return self.reader.bh_icount
+        qmp = await self.machine.qmp()  # a join restarts QEMU
+        return (await qmp.execute("query-replay"))["icount"]
 
     # --- status and lifecycle --------------------------------------------------
 
@@ -727,6 +746,10 @@ class PrimaryController(Stateful):
                 # The guest now sends from this host: let the LAN's switches learn it.
                 self._tap.send(gratuitous_arp(self.machine.spec.mac, self.machine.spec.ip))
             if self.gate is not None:
+                if self.machine.spec.log_flush_us:
+                    paths = self.machine.paths
+                    self._flush_requests = FlushRequests(paths.log_flush,
+                                                         paths.log_flush_controller)
                 background.append(self._task(self._stamp_forever(), "output stamping"))
             emit(log, "recording", qemu_pid=self.machine.pid, resumed=self.machine.loadvm)
             self._recording.set()
@@ -759,6 +782,8 @@ class PrimaryController(Stateful):
                 port.close()
             if self.gate is not None:
                 self.gate.close()
+            if self._flush_requests is not None:
+                self._flush_requests.close()
             loop.remove_reader(fd)
             published.close()
             await self.machine.stop()

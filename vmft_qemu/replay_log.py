@@ -50,6 +50,9 @@ CHECKPOINT_FIRST, CHECKPOINT_LAST = 30, 38
 CHECKPOINT_CLOCK_WARP_ACCOUNT = 31
 CHECKPOINT_INIT, CHECKPOINT_RESET = 37, 38  # a QEMU's start: the machine's creation
 ASYNC_BLOCK = 8
+# A bottom half run by the vCPU thread as it logs it; virtio-net sends the
+# guest's frames from one, so a frame leaves QEMU after this event is logged.
+ASYNC_BH = 3
 END = 39
 
 _ASYNC_NAMES = ("BH", "BH_ONESHOT", "INPUT", "INPUT_SYNC", "CHAR_READ", "BLOCK", "NET")
@@ -259,8 +262,10 @@ class ReplayLogReader:
     event, `icount` the instruction count there, `pending` the bytes of an
     event still incomplete, `clock` the last guest clock (VIRTUAL_RT, ns) read
     and the offset just past it, `shutdown` the first shutdown event's
-    cause, and `disk` the disk requests completed (`disk_at_safe_point`: as
-    of the safe point, the last CHECKPOINT_CLOCK_WARP_ACCOUNT).  After the END event the stream is over (QEMU may append its 4
+    cause, `disk` the disk requests completed (`disk_at_safe_point`: as
+    of the safe point, the last CHECKPOINT_CLOCK_WARP_ACCOUNT), and
+    `bh_icount` the icount of the last ASYNC_BH event (the output gate's
+    stamp).  After the END event the stream is over (QEMU may append its 4
     version bytes there when it finishes writing to a pipe).
     """
 
@@ -272,6 +277,7 @@ class ReplayLogReader:
         self.clock: tuple[int, int] | None = None  # (offset after it, ns)
         self.shutdown: str | None = None
         self.safe_point = (offset, icount)
+        self.bh_icount = icount
         self.disk = DiskCompletions()  # up to `offset`
         self.disk_at_safe_point = self.disk
         self._pending = b""
@@ -298,7 +304,7 @@ class ReplayLogReader:
         fixed, base = _FIXED, self.offset
         pos, n, count, seen = 0, len(buf), self.icount, 0
         clock, shutdown, ended, safe = self.clock, self.shutdown, self.ended, self.safe_point
-        disk, safe_disk = self.disk, self.disk_at_safe_point
+        disk, safe_disk, bh = self.disk, self.disk_at_safe_point, self.bh_icount
         while pos < n and not ended:
             kind = buf[pos]
             size = fixed[kind]
@@ -323,6 +329,8 @@ class ReplayLogReader:
                 safe, safe_disk = (base + end, count), disk
             elif kind == ASYNC_BLOCK:
                 disk = disk.add(int.from_bytes(buf[pos + 1:end], "big"))
+            elif kind == ASYNC_BH:
+                bh = count
             elif kind >= SHUTDOWN_FIRST:
                 if kind <= SHUTDOWN_LAST and shutdown is None:
                     shutdown = _SHUTDOWN_CAUSES[kind - SHUTDOWN_FIRST]
@@ -341,7 +349,7 @@ class ReplayLogReader:
                 f"log data ends at icount {count}, but its frame says {icount}")
         self.offset, self.icount, self.ended = base + pos, count, ended
         self.clock, self.shutdown, self.safe_point = clock, shutdown, safe
-        self.disk, self.disk_at_safe_point = disk, safe_disk
+        self.disk, self.disk_at_safe_point, self.bh_icount = disk, safe_disk, bh
         self._pending = b"" if ended else buf[pos:]
         self.events_seen += seen
         return buf[:pos]
