@@ -39,9 +39,9 @@
  *    at load and refuses kick=inputs without it.  The test reads that
  *    pointer without QEMU's replay mutex: at worst a wake-up comes one poll
  *    late or is one too many, and a wake-up changes no guest state.  After
- *    50 ms without inputs the thread looks only every `interval_us` (an idle
- *    guest's first input then waits up to that long): polling at 100 us
- *    costs a tenth of a core.  Measured against waking every 2 ms
+ *    50 ms without inputs the thread looks only every 2 ms, or every
+ *    `interval_us` if that is shorter (an idle guest's first input then
+ *    waits up to that long): polling at 100 us costs a tenth of a core.  Measured against waking every 2 ms
  *    (kick=on), in alternating runs of bench/latency.py, the FT pair served
  *    19.1 instead of 16.6 counter requests/s at a p50 of 47.5 instead of
  *    56.8 ms (medians of 3 runs), and an idle recording logs 24 instead of
@@ -75,8 +75,8 @@
  *    (vmft_qemu/log_flush.py).  The gate releases a frame against the safe
  *    point the vCPU thread writes right after the sending event, but about
  *    half the time that thread is preempted in between (it has just woken
- *    QEMU's main loop), so the thread flushes once more `FOLLOW_UP_NS`
- *    after a request.  This replaces a QMP `query-replay` per batch of
+ *    QEMU's main loop), so the thread flushes again `FOLLOW_UP_NS` after a
+ *    request, and twice more at doubling gaps (0.3, 0.9, 2.1 ms).  This replaces a QMP `query-replay` per batch of
  *    frames (0.6-1.5 ms) and the wait for later log that its later icount
  *    needed.  Measured in alternating runs of an FT pair under a counter
  *    load, the gate held a reply (median) 2.5-3.1 ms with query-replay,
@@ -109,11 +109,13 @@
 QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 
 #define BUSY_NS 50000000L /* kick=inputs polls fast this long after an input */
-#define FOLLOW_UP_NS 300000L /* 4. above: flush again this long after a request */
+#define IDLE_POLL_US 2000L /* kick=inputs polls at most this slowly */
+#define FOLLOW_UP_NS 300000L /* 4. above: flush again this long after a request, */
+#define FOLLOW_UPS 3          /* and this many times, each gap twice the one before */
 
 static atomic_bool stopping;
 static pthread_t flusher;
-static struct timespec interval, before_kick, settle, poll_span;
+static struct timespec interval, before_kick, settle, poll_span, idle_span;
 static long interval_ns;
 static qemu_plugin_id_t self;
 static enum { KICK_OFF, KICK_ON, KICK_INPUTS } kick = KICK_ON;
@@ -121,6 +123,8 @@ static bool (*inputs_queued)(void); /* QEMU's replay_has_events() */
 static int requests = -1; /* 4. above: the flush_socket, or -1 */
 static struct sockaddr_un requests_at;
 static long follow_up_at; /* when to flush again after a request; 0: not pending */
+static long follow_up_gap;
+static int follow_ups; /* still to come */
 
 /* Never called in system emulation: registering it only changes the event mask. */
 static void no_syscall(qemu_plugin_id_t id, unsigned int vcpu_index, int64_t num,
@@ -159,7 +163,9 @@ static void serve_requests(void)
         /* A controller gone or not listening asks again; nothing to do. */
         (void)sendto(requests, request, n, MSG_DONTWAIT, (struct sockaddr *)&from, from_len);
         from_len = sizeof(from);
-        follow_up_at = now_ns() + FOLLOW_UP_NS;
+        follow_ups = FOLLOW_UPS;
+        follow_up_gap = FOLLOW_UP_NS;
+        follow_up_at = now_ns() + follow_up_gap;
     }
 }
 
@@ -169,8 +175,9 @@ static void wait_for(struct timespec span)
     long until = now_ns() + span.tv_sec * 1000000000L + span.tv_nsec;
     for (long now = now_ns(); now < until && !atomic_load(&stopping); now = now_ns()) {
         if (follow_up_at && now >= follow_up_at) {
-            follow_up_at = 0;
             fflush(NULL);
+            follow_up_gap *= 2;
+            follow_up_at = --follow_ups > 0 ? now + follow_up_gap : 0;
             continue;
         }
         long left = (follow_up_at && follow_up_at < until ? follow_up_at : until) - now;
@@ -191,7 +198,7 @@ static void wake_on_inputs_until(long flush_at)
         if (now >= flush_at) {
             return;
         }
-        wait_for(now - last_input < BUSY_NS ? poll_span : interval);
+        wait_for(now - last_input < BUSY_NS ? poll_span : idle_span);
         if (inputs_queued()) {
             wake_vcpu();
             last_input = now_ns();
@@ -350,6 +357,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
     settle = span_us(us / 8);
     before_kick = span_us(us - us / 8);
     poll_span = span_us(poll_us);
+    idle_span = span_us(us < IDLE_POLL_US ? us : IDLE_POLL_US);
     if (pthread_create(&flusher, NULL, flush_forever, NULL) != 0) {
         fprintf(stderr, "logflush: cannot start the flush thread\n");
         return -1;
