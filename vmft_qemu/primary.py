@@ -572,9 +572,9 @@ class PrimaryController(Stateful):
         icount, which the backup's ACKs are counted in.  With the logflush
         plugin: the last such event in the log after a flush on request
         (`log_flush.py`); about half the time the vCPU thread has not written
-        the safe point yet, and the next periodic flush brings it.  Without
-        the plugin: QEMU's icount by QMP, which is past that event too, but
-        later, so the frame waits for more log."""
+        the safe point yet, and one of logflush's follow-up flushes brings
+        it.  Without the plugin: QEMU's icount by QMP, which is past that
+        event too, but later, so the frame waits for more log."""
         if self._flush_requests is not None:
             await self._flush_requests.flush()
             self._on_record_readable(self._record_fd)  # all the flushed log, now in the pipe
