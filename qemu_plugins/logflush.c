@@ -41,13 +41,15 @@
  *    late or is one too many, and a wake-up changes no guest state.  After
  *    50 ms without inputs the thread looks only every 2 ms, or every
  *    `interval_us` if that is shorter (an idle guest's first input then
- *    waits up to that long): polling at 100 us costs a tenth of a core.  Measured against waking every 2 ms
- *    (kick=on), in alternating runs of bench/latency.py, the FT pair served
- *    19.1 instead of 16.6 counter requests/s at a p50 of 47.5 instead of
- *    56.8 ms (medians of 3 runs), and an idle recording logs 24 instead of
- *    54 KiB/s: a wake-up with nothing to deliver still logs a checkpoint.  Waking more often on a clock is no substitute: at 500 and
- *    250 us the pair got slower (the log's extra checkpoints and flushes
- *    cost the replay and both controllers CPU).
+ *    waits up to that long): polling at 100 us costs a tenth of a core.
+ *    Measured against waking every 2 ms (kick=on), in alternating runs of
+ *    bench/latency.py, the FT pair served 19.1 instead of 16.6 counter
+ *    requests/s at a p50 of 47.5 instead of 56.8 ms (medians of 3 runs),
+ *    and an idle recording logs 24 instead of 54 KiB/s: a wake-up with
+ *    nothing to deliver still logs a checkpoint.  Waking more often on a
+ *    clock is no substitute: at 500 and 250 us the pair got slower (the
+ *    log's extra checkpoints and flushes cost the replay and both
+ *    controllers CPU).
  *
  * 3. kick=on (the replay) wakes the vCPU every `interval_us`.  Each wake-up
  *    of a recording logs a checkpoint (CHECKPOINT_CLOCK_WARP_ACCOUNT) that
@@ -76,11 +78,12 @@
  *    point the vCPU thread writes right after the sending event, but about
  *    half the time that thread is preempted in between (it has just woken
  *    QEMU's main loop), so the thread flushes again `FOLLOW_UP_NS` after a
- *    request, and twice more at doubling gaps (0.3, 0.9, 2.1 ms).  This replaces a QMP `query-replay` per batch of
- *    frames (0.6-1.5 ms) and the wait for later log that its later icount
- *    needed.  Measured in alternating runs of an FT pair under a counter
- *    load, the gate held a reply (median) 2.5-3.1 ms with query-replay,
- *    1.5-1.7 ms with the flush on request, 0.9-1.2 ms with its follow-up.
+ *    request, and twice more at doubling gaps (0.3, 0.9, 2.1 ms).  This
+ *    replaces a QMP `query-replay` per batch of frames (0.6-1.5 ms) and the
+ *    wait for later log that its later icount needed.  Measured in
+ *    alternating runs of an FT pair under a counter load, the gate held a
+ *    reply (median) 2.5-3.1 ms with query-replay, 1.5-1.7 ms with the flush
+ *    on request, 0.9-1.2 ms with its follow-ups.
  *
  * The plugin registers no instrumentation: translation and guest execution
  * are unchanged, and every input stays in the log at the instruction it was
