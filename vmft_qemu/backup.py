@@ -212,6 +212,14 @@ class BackupController(Stateful):
         silence = max(10 * self.config.channel.heartbeat_ms / 1000, 2.0)
         while True:
             frame = await asyncio.wait_for(lc.read_frame(reader), silence)
+            if self._session_task is not asyncio.current_task():
+                # A newer connection replaced this one, and its cancel was lost:
+                # Python 3.11's wait_for returns the result of a read that
+                # completed as the cancel came.  Its frames must not reach the
+                # reader after the new session's ACK (seen: after a SIGSTOP and
+                # a reconnect, a backup fed by both acknowledged more log than
+                # the primary had).
+                return
             order.check(frame)
             self.detector.heard()
             if frame.type == lc.FrameType.LOG:
