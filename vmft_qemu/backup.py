@@ -39,7 +39,7 @@ from .images import GuestImage
 from .log_pipe import open_fifo, unread_bytes
 from .machine import Role
 from .replay_log import REPLAY_VERSION, LogFormatError, ReplayLogReader, version_bytes
-from .vnic import open_guest_port
+from .vnic import open_dgram_port
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ class BackupController(Stateful):
              port=self.config.backup.log_port)
         # The replaying guest's NIC: its output never reaches the LAN; it is
         # only hashed, to compare with what the primary's guest sent.
-        guest = open_guest_port(self.machine.paths.controller_net,
+        guest = open_dgram_port(self.machine.paths.controller_net,
                                 self.machine.paths.guest_net) if self.machine.spec.mac else None
         if guest is not None:
             guest.listen(self.divergence.backup_produced)

@@ -41,7 +41,7 @@ from .machine import Role
 from .output_gate import OutputGate
 from .replay_log import REPLAY_VERSION, Event, ReplayLogReader
 from .status import RateMeter
-from .vnic import Port, gratuitous_arp, open_guest_port, open_tap
+from .vnic import Port, gratuitous_arp, open_dgram_port, open_tap
 
 log = logging.getLogger(__name__)
 
@@ -530,7 +530,7 @@ class PrimaryController(Stateful):
 
     def _connect_network(self) -> None:
         paths = self.machine.paths
-        guest = open_guest_port(paths.controller_net, paths.guest_net)
+        guest = open_dgram_port(paths.controller_net, paths.guest_net)
         self._tap = tap = open_tap(self.tap_name)
         self._ports = [guest, tap]
         self.gate = OutputGate(self._release, audit=self.run_dir / "gate.jsonl")

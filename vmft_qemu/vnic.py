@@ -75,8 +75,9 @@ def open_tap(name: str) -> Port:
     return Port(fd, lambda frame: os.write(fd, frame), lambda: os.close(fd))
 
 
-def open_guest_port(own: Path, qemu: Path) -> Port:
-    """Bind `own` and send to `qemu`: the controller's side of the dgram netdev."""
+def open_dgram_port(own: Path, qemu: Path) -> Port:
+    """Bind `own` and send to `qemu`: the controller's side of a unix datagram
+    path to its QEMU (the guest NIC's netdev, logflush's flush socket)."""
     own.unlink(missing_ok=True)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(own))
