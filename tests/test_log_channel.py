@@ -67,3 +67,47 @@ def test_connection_closed_inside_a_frame_is_truncated() -> None:
             await lc.read_frame(empty)
 
     asyncio.run(scenario())
+
+
+def test_a_backup_claiming_log_the_primary_never_sent_is_refused(tmp_path) -> None:
+    """A returning backup says how much log it has; an offset that is not a
+    point of the primary's log (mid-event, or past what was recorded) means the
+    two logs differ, so it is refused before its ACK releases any output."""
+    from pathlib import Path
+
+    from vmft_qemu import config as cfg
+    from vmft_qemu.images import GuestImage
+    from vmft_qemu.primary import ChannelRefused, PrimaryController, Segment
+
+    config = cfg.from_dict({"primary": {"run_dir": str(tmp_path / "p")},
+                            "backup": {"run_dir": str(tmp_path / "b")}})
+    primary = PrimaryController(config, GuestImage(Path("/k"), Path("/i"), Path("/r")))
+    primary.retained.append(Segment(0, bytes(10), 5))
+    primary.retained.append(Segment(10, bytes(23), 9))
+    primary.reader.offset = 33
+
+    async def backup_says(offset: int) -> None:
+        async def backup(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            assert (await lc.read_frame(reader)).type == lc.FrameType.HELLO
+            await lc.Sender(writer).send(lc.FrameType.ACK, offset, 0,
+                                         lc.ACK_PAYLOAD.pack(offset, 0, 7))
+        server = await asyncio.start_server(backup, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                await primary._session(reader, writer, ("127.0.0.1", port))
+            finally:
+                writer.close()
+        finally:
+            server.close()
+
+    for claimed in (20, 40):
+        with pytest.raises(ChannelRefused, match=f"offset {claimed}, which is no event boundary"):
+            asyncio.run(backup_says(claimed))
+        assert primary.acked.offset == 0 and primary.retained.nbytes == 33
+        assert primary.state != "protected"
+    # A boundary is fine: the session starts (and ends when that backup hangs up).
+    with pytest.raises((EOFError, lc.FrameError, OSError)):
+        asyncio.run(backup_says(10))
+    assert primary.acked.offset == 10 and primary.retained.nbytes == 23

@@ -106,6 +106,10 @@ class RetainedLog:
         if not self.segments:
             self.start = max(self.start, upto)
 
+    def is_boundary(self, offset: int) -> bool:
+        """Is `offset` a point of the retained log a backup can resume from?"""
+        return offset == self.start or any(offset in (seg.offset, seg.end) for seg in self.segments)
+
     def frame_from(self, offset: int, max_bytes: int) -> Segment | None:
         """The log from `offset` (a segment boundary) as one frame-sized segment."""
         parts: list[Segment] = []
@@ -295,21 +299,17 @@ class PrimaryController(Stateful):
             raise ChannelRefused(welcome.json().get("reason", "no reason given"))
         if welcome.type != lc.FrameType.ACK:
             raise lc.ProtocolMismatch(f"expected ACK after HELLO, got {welcome.type.name}")
+        standby = bool(welcome.flags & lc.ACK_STANDBY)
+        if not standby:
+            self._check_resume_point(welcome.offset)  # before its ACK can release anything
         self._on_ack(welcome)
         protecting = []
-        if welcome.flags & lc.ACK_STANDBY:
+        if standby:
             if not self.alone:  # this primary's failure watch runs: the standby is its partner
                 self.detector.partner_at(endpoint[0])
                 self.detector.set_channel(True)
             offset = await self._join(sender, endpoint)
             protecting.append(self._protect_when_caught_up(sender, endpoint))
-        elif self.alone:
-            raise ChannelRefused("that host replays another generation of this VM: "
-                                 "a new backup must start as a standby (`vmft protect`)")
-        elif welcome.offset < self.retained.start:
-            raise ChannelRefused(
-                f"backup has the log up to offset {welcome.offset} but the primary keeps "
-                f"it only from {self.retained.start}: the backup must be re-created")
         else:
             offset = welcome.offset
             self.set_state("protected", f"backup connected; resending from log offset {offset}")
@@ -321,6 +321,21 @@ class PrimaryController(Stateful):
                                 self._read_acks(reader, order), *protecting)
         finally:
             self.detector.set_channel(False)
+
+    def _check_resume_point(self, offset: int) -> None:
+        """Refuse a returning backup that cannot go on from the log it says it has."""
+        if self.alone:
+            raise ChannelRefused("that host replays another generation of this VM: "
+                                 "a new backup must start as a standby (`vmft protect`)")
+        if offset < self.retained.start:
+            raise ChannelRefused(
+                f"backup has the log up to offset {offset} but the primary keeps "
+                f"it only from {self.retained.start}: the backup must be re-created")
+        if not self.retained.is_boundary(offset):
+            raise ChannelRefused(
+                f"backup has the log up to offset {offset}, which is no event boundary of "
+                f"the log this primary recorded (up to {self.reader.offset}): it holds log "
+                f"the primary never sent, so the backup must be re-created")
 
     # --- re-protection: a new backup joins this primary running alone ----------
 
