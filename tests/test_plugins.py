@@ -25,8 +25,8 @@ def test_qemu_loads_logflush_and_it_refuses_bad_arguments(tmp_path: Path) -> Non
     def run(args: str, **kw) -> subprocess.CompletedProcess[str]:
         return subprocess.run(base + ["-plugin", f"{plugin},{args}", *kw.get("extra", [])],
                               input=kw.get("input"), capture_output=True, text=True, timeout=60)
-    # kick=inputs finds replay_has_events() in the QEMU binary; a QEMU without it
-    # would refuse here.
+    # kick=inputs finds replay_has_events() and all_cpu_threads_idle() in the QEMU
+    # binary; a QEMU without them would refuse here.
     for ok_args in ("interval_us=1000,kick=off", "interval_us=2000,kick=inputs,poll_us=100",
                     "interval_us=500,kick=on"):
         ok = run(ok_args, extra=["-S", "-qmp", "stdio"],
