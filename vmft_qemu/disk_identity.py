@@ -31,6 +31,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .machine import qemu_img
+
 CHUNK = 1 << 20  # one digest per MiB locates a difference
 
 
@@ -69,12 +71,6 @@ class DiskDigest:
                 "sha256": self.sha256}
 
 
-def _qemu_img(*args: str) -> None:
-    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise DiskReadError(f"qemu-img {args[0]}: {proc.stderr.strip()}")
-
-
 def _as_raw(disk: Path, snapshot: str | None, raw: Path) -> None:
     """Write the guest-visible bytes of `disk` (as of `snapshot`) to the file `raw`.
 
@@ -83,7 +79,7 @@ def _as_raw(disk: Path, snapshot: str | None, raw: Path) -> None:
     if not disk.is_file():
         raise DiskReadError(f"no disk copy at {disk}")
     at = ["-l", f"snapshot.name={snapshot}"] if snapshot else []
-    _qemu_img("convert", "-U", "-O", "raw", *at, str(disk), str(raw))
+    qemu_img("convert", "-U", "-O", "raw", *at, str(disk), str(raw), error=DiskReadError)
 
 
 def digest(disk: Path, snapshot: str | None = None) -> DiskDigest:

@@ -257,8 +257,12 @@ async def savevm(qmp: QMPClient, name: str, timeout: float, error: type[Exceptio
         await asyncio.sleep(0.01)
 
 
-def _qemu_img(*args: str) -> None:
-    subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True)
+def qemu_img(*args: str, error: type[Exception] = RuntimeError) -> str:
+    """Runs qemu-img; its output, or `error` with qemu-img's own message."""
+    done = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise error(f"qemu-img {' '.join(args[:2])}: {done.stderr.strip()}")
+    return done.stdout
 
 
 class Machine:
@@ -291,9 +295,9 @@ class Machine:
             return  # the guest carries on: same console, disk and snapshots
         for stale in (self.paths.console, self.paths.disk, self.paths.snapshots):
             stale.unlink(missing_ok=True)
-        _qemu_img("create", "-f", "qcow2", str(self.paths.snapshots), "16M")
+        qemu_img("create", "-f", "qcow2", str(self.paths.snapshots), "16M")
         if self.spec.disk:
-            _qemu_img("create", "-f", "qcow2", "-F", "raw", "-b",
+            qemu_img("create", "-f", "qcow2", "-F", "raw", "-b",
                       str(self.spec.image.rootfs), str(self.paths.disk))
 
     @property

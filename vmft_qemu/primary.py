@@ -128,6 +128,8 @@ class RetainedLog:
         return Segment(parts[0].offset, b"".join(p.data for p in parts), parts[-1].icount)
 
 
+RESTART_QMP_TIMEOUT_S = 10.0  # a join's QMP calls to the restarted recording
+
 # Protected <-> lagging, with hysteresis: proportional lag control keeps the
 # backup a little over its target, which is no news.
 LAGGING_OVER_TARGET = 2.0  # lagging once the backup is this many targets behind
@@ -424,11 +426,17 @@ class PrimaryController(Stateful):
             loop.add_reader(self._record_fd, self._on_record_readable, self._record_fd)
             await self.machine.launch()
             qmp = await self.machine.qmp()
-            at = (await qmp.execute("query-replay"))["icount"]
-            if at != stopped_at:
-                raise reprotect.JoinError(f"the recording restarted from the snapshot at icount "
-                                          f"{at}, not at {stopped_at} where it was taken")
-            await qmp.execute("cont")
+            try:
+                async with asyncio.timeout(RESTART_QMP_TIMEOUT_S):
+                    at = (await qmp.execute("query-replay"))["icount"]
+                    if at != stopped_at:
+                        raise reprotect.JoinError(
+                            f"the recording restarted from the snapshot at icount {at}, "
+                            f"not at {stopped_at} where it was taken")
+                    await qmp.execute("cont")
+            except TimeoutError:
+                raise reprotect.JoinError(f"the restarted recording did not answer QMP within "
+                                          f"{RESTART_QMP_TIMEOUT_S:.0f} s") from None
         except BaseException:
             # The VM is lost: fail loudly (`run` reports the recording's end).
             old.kill()

@@ -51,7 +51,6 @@ import json
 import logging
 import os
 import re
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +60,7 @@ from qemu.qmp import QMPClient
 
 from . import log_channel as lc
 from .events import emit
-from .machine import savevm
+from .machine import qemu_img, savevm
 from .replay_log import (AUDIO_OUT, CHECKPOINT_INIT, CHECKPOINT_RESET, INSTRUCTION, SHUTDOWN_FIRST,
                          SHUTDOWN_LAST, Event)
 
@@ -137,10 +136,10 @@ def drop_snapshots(files: list[Path], keep: str) -> int:
     dropped = 0
     for path in files:
         try:
-            info = json.loads(_qemu_img("info", "--output=json", str(path)))
+            info = json.loads(qemu_img("info", "--output=json", str(path), error=JoinError))
             for snap in info.get("snapshots", []):
                 if snap["name"] != keep:
-                    _qemu_img("snapshot", "-d", snap["name"], str(path))
+                    qemu_img("snapshot", "-d", snap["name"], str(path), error=JoinError)
                     dropped += 1
         except (JoinError, ValueError) as e:
             emit(log, "stale-snapshots-kept", logging.WARNING, file=str(path), error=str(e))
@@ -225,28 +224,21 @@ def data_extents(path: Path) -> tuple[tuple[int, int], ...]:
     return tuple(extents)
 
 
-def _qemu_img(*args: str) -> str:
-    done = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise JoinError(f"qemu-img {' '.join(args[:2])}: {done.stderr.strip()}")
-    return done.stdout
-
-
 def export_disk(disk: Path, out: Path, snapshot: str) -> None:
     """The disk as of the join snapshot, read from the running image (-U), as a
     qcow2 on the same backing file holding only the clusters that differ."""
-    info = json.loads(_qemu_img("info", "-U", "--output=json", str(disk)))
+    info = json.loads(qemu_img("info", "-U", "--output=json", str(disk), error=JoinError))
     backing = ["-B", info["full-backing-filename"], "-F", info["backing-filename-format"]] \
         if info.get("full-backing-filename") else []
     out.unlink(missing_ok=True)
-    _qemu_img("convert", "-U", "-l", f"snapshot.name={snapshot}", "-O", "qcow2",
-              *backing, str(disk), str(out))
+    qemu_img("convert", "-U", "-l", f"snapshot.name={snapshot}", "-O", "qcow2",
+             *backing, str(disk), str(out), error=JoinError)
 
 
 def adopt_disk(disk: Path, snapshot: str) -> None:
     """On the new backup: give the received disk the join snapshot `-loadvm`
     looks for in every drive (its blocks are already the snapshot's)."""
-    _qemu_img("snapshot", "-c", snapshot, str(disk))
+    qemu_img("snapshot", "-c", snapshot, str(disk), error=JoinError)
 
 
 def _digest(path: Path) -> str:
