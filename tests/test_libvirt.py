@@ -172,6 +172,18 @@ def ticks(lines: list[str]) -> list[str]:
     return [line for line in lines if line.startswith("tick ")]
 
 
+def consoles(pair: LocalPair) -> str:
+    """Both consoles' files and the primary's controller output, for a failure message
+    (once, a primary's console read empty while the backup had replayed three ticks)."""
+    def tail(path: Path) -> str:
+        try:
+            return f"{path}: {path.stat().st_size} bytes, ends {path.read_text()[-300:]!r}"
+        except OSError as e:
+            return f"{path}: {e}"
+    return "\n".join([*(tail(pair.run_dir(role) / "console.log") for role in ("primary", "backup")),
+                      pair.output("primary")[-2000:]])
+
+
 @pytest.mark.qemu
 def test_an_ft_pair_under_libvirt_shows_in_virsh_and_fails_over(tmp_path: Path, image,
                                                                  libvirtd) -> None:
@@ -191,7 +203,7 @@ def test_an_ft_pair_under_libvirt_shows_in_virsh_and_fails_over(tmp_path: Path, 
         wait_for(lambda: len(ticks(pair.console("backup"))) >= 3, 150,
                  "the backup to replay three ticks")
         replayed = ticks(pair.console("backup"))
-        assert replayed == ticks(pair.console("primary"))[:len(replayed)]
+        assert replayed == ticks(pair.console("primary"))[:len(replayed)], consoles(pair)
 
         # The primary's controller dies: libvirt destroys its domain, the backup goes live.
         os.killpg(pair.procs["primary"].pid, signal.SIGKILL)
