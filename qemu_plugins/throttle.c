@@ -11,11 +11,16 @@
  * per quantum.
  *
  * Throttling.  The callback reads the share of time the vCPU should sleep
- * (`share_ppm`, parts per million), takes the wall time the vCPU has been
- * executing since the previous quantum (time spent idle in between does not
- * count: the resume callback restarts the clock) and sleeps
- * ran * share / (1 - share), at most `max_sleep_us` at once.  So the vCPU
- * executes for 1 - share of the time it is busy, in slices of a few ms.
+ * (`share_ppm`, parts per million), takes the CPU time the vCPU thread has
+ * used since the previous quantum and sleeps ran * share / (1 - share), at
+ * most `max_sleep_us` at once.  So the vCPU executes for 1 - share of the
+ * time it is busy, in slices of a few ms.  CPU time, not wall time: time
+ * the guest spent halted in between must not count, and under icount
+ * (single-threaded round-robin TCG) QEMU never calls the plugin's vCPU
+ * idle and resume callbacks, so a wall clock restarted on resume ran on
+ * through every idle spell, and the first quantum after one slept for it
+ * too (up to max_sleep_us), just when the guest had work again.  That
+ * thread runs every vCPU in turn; vmft's guests have one.
  * The sleep happens in the vCPU thread between two blocks, holding QEMU's
  * replay lock, as a SIGSTOP of the whole process did before; short slices
  * bound how long the main loop waits for it.
@@ -67,7 +72,7 @@ struct control {
 /* Per vCPU. */
 struct vcpu {
     uint64_t insns;    /* executed since the last quantum ended */
-    int64_t since_ns;  /* when the vCPU last started executing */
+    int64_t since_ns;  /* the vCPU thread's CPU time when the last quantum ended */
 };
 
 static struct control *control;
@@ -75,10 +80,11 @@ static struct qemu_plugin_scoreboard *vcpus;
 static uint64_t quantum = 1u << 17;
 static int64_t max_sleep_ns = 20 * 1000 * 1000;
 
-static int64_t now_ns(void)
+/* CPU time of the calling thread: the vCPU's busy time, in the callbacks below. */
+static int64_t busy_ns(void)
 {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
     return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
 }
 
@@ -94,7 +100,7 @@ static void start_clock(qemu_plugin_id_t id, unsigned int vcpu_index)
 {
     (void)id;
     struct vcpu *v = qemu_plugin_scoreboard_find(vcpus, vcpu_index);
-    v->since_ns = now_ns();
+    v->since_ns = busy_ns();
 }
 
 static void quantum_done(unsigned int vcpu_index, void *unused)
@@ -103,7 +109,7 @@ static void quantum_done(unsigned int vcpu_index, void *unused)
     struct vcpu *v = qemu_plugin_scoreboard_find(vcpus, vcpu_index);
     v->insns = 0;
     uint64_t share = __atomic_load_n(&control->share_ppm, __ATOMIC_RELAXED);
-    int64_t now = now_ns();
+    int64_t now = busy_ns(); /* sleeping uses none */
     if (share > 0) {
         if (share > MAX_SHARE_PPM) {
             share = MAX_SHARE_PPM;
@@ -114,7 +120,6 @@ static void quantum_done(unsigned int vcpu_index, void *unused)
         }
         sleep_ns(sleep);
         __atomic_fetch_add(&control->slept_ns, (uint64_t)sleep, __ATOMIC_RELAXED);
-        now = now_ns();
     }
     v->since_ns = now;
 }
@@ -215,7 +220,6 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
     }
     vcpus = qemu_plugin_scoreboard_new(sizeof(struct vcpu));
     qemu_plugin_register_vcpu_init_cb(id, start_clock);
-    qemu_plugin_register_vcpu_resume_cb(id, start_clock);
     qemu_plugin_register_vcpu_tb_trans_cb(id, instrument);
     qemu_plugin_register_atexit_cb(id, finish, NULL);
     return 0;

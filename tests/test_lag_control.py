@@ -11,7 +11,9 @@ at the backup's full speed.  Failover times are measured by `bench/lag.py`.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -23,7 +25,7 @@ from vmft_qemu import cpu_limit
 from vmft_qemu.cpu_limit import CpuLimit
 from vmft_qemu.events import read_jsonl
 from vmft_qemu.lag_control import KP, MAX_SHARE, LagControl, Throttle
-from vmft_qemu.machine import PLUGIN_DIR
+from vmft_qemu.machine import PLUGIN_DIR, Machine, Role, VMSpec
 from vmft_qemu.metrics import SAMPLES_NAME
 from vmft_qemu.pair import LocalPair, lan_with_storage, pull_the_plug, wait_for
 
@@ -35,6 +37,7 @@ BACKUP_CPU = 0.4  # the backup's QEMU gets 40% of one CPU: it replays at ~1/3 of
 WORKLOAD = "sha256:20000"  # CPU-bound for minutes; the tests end long before it does
 SETTLE_S = 3.0  # after the backup is starved, the loop's time to find the throttle it needs
 WINDOW_S = 15.0  # then the lag is sampled this long
+IDLE_WINDOW_S = 5.0  # an idle guest's throttled sleep is measured this long
 
 
 def starve_backup(pair: LocalPair) -> CpuLimit:
@@ -99,6 +102,47 @@ def test_qemu_loads_the_throttle_plugin_only_with_its_control_file(tmp_path: Pat
     bad = subprocess.run(base + ["-plugin", f"{plugin},control={control}"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "magic 00000000" in bad.stderr, bad.stderr
+
+
+@pytest.mark.qemu
+def test_the_throttle_makes_the_vcpu_sleep_for_its_busy_time_only(tmp_path: Path, image) -> None:
+    """At share 0.5 the vCPU sleeps as long as it ran, and not for the time the
+    guest spent halted: a guest idle between its ticks hardly sleeps at all,
+    so the throttle does not delay it when work comes in."""
+    spec = VMSpec("throttled", 256, image, throttle=True)
+    machine = Machine(spec, Role.RECORD, tmp_path, rrfile=tmp_path / "record.bin")
+    machine.prepare()
+    throttle = Throttle(machine.paths.throttle)
+
+    def cpu_s() -> dict[str, float]:
+        """CPU time of each of QEMU's threads, to the nanosecond (the clock the
+        plugin reads)."""
+        return {task.name: int((task / "schedstat").read_text().split()[0]) / 1e9
+                for task in Path(f"/proc/{machine.pid}/task").iterdir()}
+
+    async def measure() -> tuple[float, float]:
+        await machine.launch()
+        try:
+            await asyncio.to_thread(wait_for, lambda: machine.paths.console.exists() and "tick 2"
+                                    in machine.paths.console.read_text(errors="replace"),
+                                    120, "the guest to boot and tick")
+            throttle.set(0.5)
+            slept, cpu = throttle.slept_s, cpu_s()
+            vcpu = max(cpu, key=cpu.__getitem__)  # the thread that booted the guest
+            await asyncio.sleep(IDLE_WINDOW_S)  # a measurement window, not a wait for an event
+            return throttle.slept_s - slept, cpu_s()[vcpu] - cpu[vcpu]
+        finally:
+            await machine.stop()
+    try:
+        slept, cpu = asyncio.run(measure())
+    finally:
+        throttle.close()
+    # Every sleep is for CPU time the vCPU thread used.  The slack: the first
+    # sleep in the window may be for time used before it, at most max_sleep_us
+    # (20 ms).  Measured: 0.25-0.29 s slept for 0.25-0.30 s of CPU; with the wall
+    # clock the plugin once used, 0.28-0.30 s for 0.23-0.26 s.
+    assert slept <= cpu + 0.02, (f"the vCPU slept {slept:.3f} s but ran only {cpu:.3f} s "
+                                 f"of CPU in {IDLE_WINDOW_S} s")
 
 
 @pytest.mark.qemu
