@@ -16,7 +16,8 @@ at a time and fetches a 5 KiB page, against:
                FT's path through the controller, without the backup
 
 and writes bench/results/latency.json and latency.md: request latency p50/p99,
-throughput, and the log bandwidth under that load, in one run.  Each host's
+throughput, the log bandwidth under that load and the CPU time each counter
+request costs QEMU, in one run.  Each host's
 QEMU is pinned to a core of its own (host a: core 0, host b: core 1), as if
 the hosts were separate machines; otherwise the backup's replay competes with
 the primary for this machine's 2 cores (measured: +30 ms p50).
@@ -68,12 +69,15 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _load(topo: Topology, requests: int, pages: int, counted_before: int = 0) -> dict[str, Any]:
+def _load(topo: Topology, requests: int, pages: int, qemu_pid: int,
+          counted_before: int = 0) -> dict[str, Any]:
     """`requests` counter increments, then `pages` page fetches; the guest's
-    counter stood at `counted_before`."""
-    start = time.monotonic()
+    counter stood at `counted_before`.  Also what each counter request cost
+    the (primary's) QEMU `qemu_pid` in CPU time."""
+    start, cpu_start = time.monotonic(), _cpu_s(qemu_pid)
     counted = _client(topo, "counter", "--count", str(requests))
     counter_s = time.monotonic() - start
+    qemu_cpu_ms = (_cpu_s(qemu_pid) - cpu_start) * 1000 / requests
     start = time.monotonic()
     fetched = _client(topo, "http", "--path", "/ft.html", "--count", str(pages))
     http_s = time.monotonic() - start
@@ -82,6 +86,7 @@ def _load(topo: Topology, requests: int, pages: int, counted_before: int = 0) ->
         "p50_ms": statistics.median(lat),
         "p99_ms": lat[min(len(lat) - 1, int(0.99 * len(lat)))],
         "requests_per_s": requests / counter_s,
+        "qemu_cpu_ms_per_request": qemu_cpu_ms,
         "pages_per_s": pages / http_s,
         "answers_right": counted["answers"] == list(range(counted_before + 1,
                                                           counted_before + requests + 1)),
@@ -106,7 +111,7 @@ def run_alone(image, role: Role, requests: int, pages: int, work: Path,
             try:
                 loop = asyncio.get_running_loop()
                 await loop.run_in_executor(None, _wait_net, lambda: machine.paths.console, 180)
-                return await loop.run_in_executor(None, _load, topo, requests, pages)
+                return await loop.run_in_executor(None, _load, topo, requests, pages, machine.pid)
             finally:
                 await machine.stop()
 
@@ -139,7 +144,7 @@ def run_ft(requests: int, pages: int, work: Path,
             cpu_before = {name: _cpu_s(pid) for name, pid in pids.items()}
             t0, wall0 = time.monotonic(), time.time()
             try:
-                result = _load(topo, requests, pages)
+                result = _load(topo, requests, pages, pids["primary qemu"])
             except RuntimeError as e:  # say where every side stood when the client gave up
                 sides = {role: {k: pair.status(role).get(k) for k in (
                     "state", "recorded", "acked", "backup_replayed", "lag_ms", "gate", "errors")}
@@ -168,7 +173,8 @@ def run_ft(requests: int, pages: int, work: Path,
             # replay): FT's path through the controller without the backup.
             pull_the_plug(pair.hosts["backup"])
             wait_for(lambda: pair.status("primary").get("alone"), 60, "the primary to go on alone")
-            return result, _load(topo, requests, pages, counted_before=requests)
+            return result, _load(topo, requests, pages, pids["primary qemu"],
+                                 counted_before=requests)
         finally:
             pair.stop()
 
@@ -195,7 +201,13 @@ def _breakdown(plain: dict[str, Any], record: dict[str, Any], ft: dict[str, Any]
         f"| {throttled_ms:.2f} |",
         f"| the rest (ft - ft-alone - gate - lag control): the backup running beside the "
         f"primary on 2 cores | {backup_ms:.2f} |",
-        "", f"CPU use during the FT load (cores): {cpu}."]
+        "", f"CPU use during the FT load (cores): {cpu}.",
+        "", "The counter service is CPU-bound in the guest (a shell forks per write), so "
+        "QEMU's CPU time per request sets the pace: "
+        f"{plain['qemu_cpu_ms_per_request']:.1f} ms plain, "
+        f"{record['qemu_cpu_ms_per_request']:.1f} ms recording, "
+        f"{ft['qemu_cpu_ms_per_request']:.1f} ms as FT's primary "
+        f"({alone['qemu_cpu_ms_per_request']:.1f} ms once alone)."]
 
 
 def _median_of(results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -265,7 +277,8 @@ def main() -> int:
           "turn); p50 ms by round: " + "; ".join(
               f"{mode} {', '.join(f'{p:.1f}' for p in report['p50_ms_by_round'][mode])}"
               for mode in runs) + ".", "",
-          "| mode | p50 ms | p99 ms | requests/s | pages/s | log KiB/s |", "|---|---|---|---|---|---|"]
+          "| mode | p50 ms | p99 ms | requests/s | pages/s | log KiB/s | QEMU CPU ms/request |",
+          "|---|---|---|---|---|---|---|"]
     for name, r in (("plain-net (icount, no FT)", plain),
                     ("record-bare (rr=record as QEMU ships it, no FT)", runs["record_bare"]),
                     (f"record-net (rr=record + logflush: inputs at once, log every {flush_us} us; "
@@ -275,7 +288,7 @@ def main() -> int:
                      runs["ft_alone"])):
         log_rate = f"{r['log_bytes_per_s'] / 1024:.1f}" if "log_bytes_per_s" in r else "-"
         md.append(f"| {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['requests_per_s']:.1f} "
-                  f"| {r['pages_per_s']:.1f} | {log_rate} |")
+                  f"| {r['pages_per_s']:.1f} | {log_rate} | {r['qemu_cpu_ms_per_request']:.1f} |")
     md += ["", f"Added p50 latency: {added:.2f} ms over plain-net, {added_rec:.2f} ms over "
                f"record-net (target <= 5). Throughput FT / plain-net {ratio:.2f}, "
                f"FT / record-net {ratio_rec:.2f} (target >= 0.80). "
