@@ -298,7 +298,7 @@ class Machine:
         qemu_img("create", "-f", "qcow2", str(self.paths.snapshots), "16M")
         if self.spec.disk:
             qemu_img("create", "-f", "qcow2", "-F", "raw", "-b",
-                      str(self.spec.image.rootfs), str(self.paths.disk))
+                     str(self.spec.image.rootfs), str(self.paths.disk))
 
     @property
     def args(self) -> list[str]:
