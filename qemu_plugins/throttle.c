@@ -11,16 +11,21 @@
  * per quantum.
  *
  * Throttling.  The callback reads the share of time the vCPU should sleep
- * (`share_ppm`, parts per million), takes the CPU time the vCPU thread has
- * used since the previous quantum and sleeps ran * share / (1 - share), at
- * most `max_sleep_us` at once.  So the vCPU executes for 1 - share of the
- * time it is busy, in slices of a few ms.  CPU time, not wall time: time
- * the guest spent halted in between must not count, and under icount
- * (single-threaded round-robin TCG) QEMU never calls the plugin's vCPU
- * idle and resume callbacks, so a wall clock restarted on resume ran on
- * through every idle spell, and the first quantum after one slept for it
- * too (up to max_sleep_us), just when the guest had work again.  That
- * thread runs every vCPU in turn; vmft's guests have one.
+ * (`share_ppm`, parts per million), takes the time the vCPU thread has
+ * been busy since the previous quantum and sleeps ran * share / (1 - share),
+ * at most `max_sleep_us` at once.  So the vCPU executes for 1 - share of the
+ * time it is busy, in slices of a few ms.  Busy is the kernel's account of
+ * the thread (/proc/thread-self/schedstat): time on a CPU plus time waiting
+ * in the run queue for one, so not the time it slept with the guest halted.
+ * Not wall time: under icount (single-threaded round-robin TCG) QEMU never
+ * calls a plugin's vCPU idle and resume callbacks, so a wall clock
+ * restarted on resume ran on through every idle spell, and the first
+ * quantum after one slept for it too (up to max_sleep_us), just when the
+ * guest had work again.  Not CPU time alone either: a vCPU that waits for a
+ * CPU is busy, and without that wait the loop needed a higher share for the
+ * same slow backup and kept the lag less steady (tests/test_lag_control.py's
+ * starved backup: p90 103 ms against a 100 ms target).  That thread runs
+ * every vCPU in turn; vmft's guests have one.
  * The sleep happens in the vCPU thread between two blocks, holding QEMU's
  * replay lock, as a SIGSTOP of the whole process did before; short slices
  * bound how long the main loop waits for it.
@@ -72,7 +77,8 @@ struct control {
 /* Per vCPU. */
 struct vcpu {
     uint64_t insns;    /* executed since the last quantum ended */
-    int64_t since_ns;  /* the vCPU thread's CPU time when the last quantum ended */
+    int64_t since_ns;  /* the vCPU thread's busy time when the last quantum ended */
+    int schedstat;     /* the vCPU thread's /proc/thread-self/schedstat */
 };
 
 static struct control *control;
@@ -80,12 +86,21 @@ static struct qemu_plugin_scoreboard *vcpus;
 static uint64_t quantum = 1u << 17;
 static int64_t max_sleep_ns = 20 * 1000 * 1000;
 
-/* CPU time of the calling thread: the vCPU's busy time, in the callbacks below. */
-static int64_t busy_ns(void)
+/* The vCPU thread's busy time so far: run time plus run-queue wait, in ns
+ * (schedstat's first two numbers); `v->since_ns` if it cannot be read. */
+static int64_t busy_ns(const struct vcpu *v)
 {
-    struct timespec t;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
-    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+    char text[80];
+    unsigned long long ran, waited;
+    ssize_t n = pread(v->schedstat, text, sizeof(text) - 1, 0);
+    if (n <= 0) {
+        return v->since_ns;
+    }
+    text[n] = '\0';
+    if (sscanf(text, "%llu %llu", &ran, &waited) != 2) {
+        return v->since_ns;
+    }
+    return (int64_t)(ran + waited);
 }
 
 static void sleep_ns(int64_t ns)
@@ -100,7 +115,12 @@ static void start_clock(qemu_plugin_id_t id, unsigned int vcpu_index)
 {
     (void)id;
     struct vcpu *v = qemu_plugin_scoreboard_find(vcpus, vcpu_index);
-    v->since_ns = busy_ns();
+    v->schedstat = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC); /* on its thread */
+    if (v->schedstat < 0) {
+        fprintf(stderr, "throttle: cannot read /proc/thread-self/schedstat (%s): vCPU %u "
+                "is not throttled\n", strerror(errno), vcpu_index);
+    }
+    v->since_ns = busy_ns(v);
 }
 
 static void quantum_done(unsigned int vcpu_index, void *unused)
@@ -109,7 +129,7 @@ static void quantum_done(unsigned int vcpu_index, void *unused)
     struct vcpu *v = qemu_plugin_scoreboard_find(vcpus, vcpu_index);
     v->insns = 0;
     uint64_t share = __atomic_load_n(&control->share_ppm, __ATOMIC_RELAXED);
-    int64_t now = busy_ns(); /* sleeping uses none */
+    int64_t now = busy_ns(v); /* the sleep below is not busy */
     if (share > 0) {
         if (share > MAX_SHARE_PPM) {
             share = MAX_SHARE_PPM;
@@ -138,6 +158,9 @@ static void finish(qemu_plugin_id_t id, void *unused)
 {
     (void)id;
     (void)unused;
+    for (int i = 0; i < qemu_plugin_num_vcpus(); i++) {
+        close(((struct vcpu *)qemu_plugin_scoreboard_find(vcpus, i))->schedstat);
+    }
     munmap(control, sizeof(*control));
     qemu_plugin_scoreboard_free(vcpus);
 }
