@@ -1,12 +1,17 @@
-"""The log channel's frames: every damaged frame is refused with a clear error."""
+"""The log channel: every damaged frame is refused with a clear error, and so is
+a returning backup whose log the primary never sent."""
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
+from vmft_qemu import config as cfg
 from vmft_qemu import log_channel as lc
+from vmft_qemu.images import GuestImage
+from vmft_qemu.primary import ChannelRefused, PrimaryController, Segment
 
 
 def _log(seq: int, offset: int, data: bytes = b"\x00\x00\x00\x00\x10") -> lc.Frame:
@@ -69,16 +74,10 @@ def test_connection_closed_inside_a_frame_is_truncated() -> None:
     asyncio.run(scenario())
 
 
-def test_a_backup_claiming_log_the_primary_never_sent_is_refused(tmp_path) -> None:
+def test_a_backup_claiming_log_the_primary_never_sent_is_refused(tmp_path: Path) -> None:
     """A returning backup says how much log it has; an offset that is not a
     point of the primary's log (mid-event, or past what was recorded) means the
     two logs differ, so it is refused before its ACK releases any output."""
-    from pathlib import Path
-
-    from vmft_qemu import config as cfg
-    from vmft_qemu.images import GuestImage
-    from vmft_qemu.primary import ChannelRefused, PrimaryController, Segment
-
     config = cfg.from_dict({"primary": {"run_dir": str(tmp_path / "p")},
                             "backup": {"run_dir": str(tmp_path / "b")}})
     primary = PrimaryController(config, GuestImage(Path("/k"), Path("/i"), Path("/r")))
