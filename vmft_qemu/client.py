@@ -27,7 +27,9 @@ HTTP_PORT = 80
 def counter(host: str, count: int, timeout: float, command: str = "INC",
             retries: int = 0, duration: float | None = None) -> dict[str, Any]:
     """`count` requests on one connection (or as many as fit in `duration`
-    seconds); every answer and its latency.
+    seconds); every answer and its latency, and when (time.monotonic(), the
+    same clock in every process of this machine) the first request went out
+    and the last answer came, for throughput over several clients.
 
     With `retries`, a broken connection is replaced by a new one (at most that
     many times) and the requests go on; each replacement is reported, with
@@ -36,6 +38,7 @@ def counter(host: str, count: int, timeout: float, command: str = "INC",
     latencies: list[float] = []
     reconnects: list[dict[str, Any]] = []
     error = None
+    started = ended = None
     end = time.monotonic() + duration if duration else float("inf")
     while len(answers) < count and time.monotonic() < end:
         try:
@@ -44,11 +47,13 @@ def counter(host: str, count: int, timeout: float, command: str = "INC",
                 stream = sock.makefile("rwb", buffering=0)
                 while len(answers) < count and time.monotonic() < end:
                     start = time.perf_counter()
+                    started = started or time.monotonic()
                     stream.write(f"{command}\n".encode())
                     line = stream.readline()
                     if not line:
                         raise ConnectionError("the service closed the connection")
                     latencies.append((time.perf_counter() - start) * 1000)
+                    ended = time.monotonic()
                     answers.append(int(line))
         except (OSError, ValueError) as e:
             error = f"{type(e).__name__}: {e}"
@@ -57,7 +62,7 @@ def counter(host: str, count: int, timeout: float, command: str = "INC",
             reconnects.append({"after_answers": len(answers), "error": error})
             error = None
     return {"answers": answers, "latency_ms": latencies, "error": error,
-            "reconnects": reconnects}
+            "reconnects": reconnects, "started": started, "ended": ended}
 
 
 def http(host: str, path: str, count: int, timeout: float) -> dict[str, Any]:
