@@ -1,11 +1,11 @@
 """Benchmark: what the output rule costs a client.
 
 A client on the LAN (its own network namespace) sends counter increments one
-at a time (INC: the guest's shell forks and syncs the disk twice per request),
-then counter reads (GET: a shell builtin reads a file, nothing forks or
-touches the disk), first one client and then 4 at once (throughput: one client
-waiting for each answer measures only 1 / latency), and fetches a 5 KiB page,
-against:
+at a time (INC: the guest's shell runs five busybox applets and syncs the disk
+twice per request), then counter reads (GET: a shell builtin reads a file,
+nothing forks or touches the disk), first one client and then 4 at once
+(throughput: one client waiting for each answer measures only 1 / latency),
+and fetches a 5 KiB page, against:
 
     plain-net  the same guest and QEMU (icount, no record/replay) with its NIC
                straight on a TAP of host a: no FT

@@ -46,14 +46,14 @@ def counter(host: str, count: int, timeout: float, command: str = "INC",
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 stream = sock.makefile("rwb", buffering=0)
                 while len(answers) < count and time.monotonic() < end:
-                    start = time.perf_counter()
-                    started = started or time.monotonic()
+                    start = time.monotonic()
+                    started = started or start
                     stream.write(f"{command}\n".encode())
                     line = stream.readline()
                     if not line:
                         raise ConnectionError("the service closed the connection")
-                    latencies.append((time.perf_counter() - start) * 1000)
                     ended = time.monotonic()
+                    latencies.append((ended - start) * 1000)
                     answers.append(int(line))
         except (OSError, ValueError) as e:
             error = f"{type(e).__name__}: {e}"
