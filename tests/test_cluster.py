@@ -23,6 +23,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import paramiko
 import psutil
 import pytest
 
@@ -118,6 +119,45 @@ def test_a_vm_running_alone_gets_its_new_backup_on_a_third_host() -> None:
     assert ag.current_role("backup", {"role": "primary", "state": "alone"}) == "primary"
     inv = cl.inventory_from_dict(inventory())
     assert cl.Cluster(inv).spare_for(VM, survey) == "c"
+
+
+class FakeSsh:
+    """An SSH connection whose host answers channel opens from a script."""
+
+    def __init__(self, answers: list[Any]) -> None:
+        self.answers = answers
+
+    def get_transport(self) -> FakeSsh:
+        return self
+
+    def open_session(self, timeout: float) -> Any:
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_host_that_does_not_open_a_session_gets_one_new_connection(monkeypatch) -> None:
+    inv = cl.inventory_from_dict(inventory())
+    link = cl.AgentLink(inv, inv.hosts["c"])
+    answers: list[Any] = [paramiko.SSHException("Timeout opening channel."), "session"]
+    connections: list[FakeSsh] = []
+
+    def connect() -> FakeSsh:
+        if link._ssh is None:
+            link._ssh = FakeSsh(answers)
+            connections.append(link._ssh)
+        return link._ssh
+    monkeypatch.setattr(link, "_client", connect)
+    assert link._session() == "session" and len(connections) == 2
+    # A host that does not answer on the new connection either is unreachable.
+    answers += [paramiko.SSHException("Timeout opening channel.")] * 2
+    with pytest.raises(cl.HostUnreachable, match="c: .*Timeout opening channel"):
+        link.run(["true"])
+    assert len(connections) == 3 and link._ssh is None        # the second, then one new
 
 
 def test_the_agent_answers_on_its_socket_and_refuses_bad_requests(tmp_path: Path) -> None:

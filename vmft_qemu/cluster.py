@@ -22,7 +22,7 @@ group `ft_hosts` and this file name the same hosts):
     agent_socket = "/run/vmft/agent.sock"    # where each host's agent listens
     run_root = "/var/lib/vmft/vms"           # the controllers' run dirs: RUN_ROOT/VM.HOST
     image_cache = "/var/cache/vmft/images"
-    connect_timeout_s = 5
+    connect_timeout_s = 5                    # for SSH to connect, and a host to open a session
 
     [lock]                                   # the go-live lock on shared storage,
     backend = "nfs"                          # as in a pair's [lock] (`vmft config example`)
@@ -358,16 +358,37 @@ class AgentLink:
             self._ssh = client
         return self._ssh
 
+    def _session(self) -> paramiko.Channel:
+        """A new session channel on the host's connection.
+
+        A host answers a channel open at once; one that does not within
+        connect_timeout_s gets one new connection (nothing ran on the host yet, so
+        trying again is safe).  Seen once in CI: a connection that had been idle
+        while the VM's two sides started never answered the standby's channel.
+        """
+        def open_session() -> paramiko.Channel:
+            transport = self._client().get_transport()
+            assert transport is not None                 # _client() connected it
+            return transport.open_session(timeout=self.inv.connect_timeout_s)
+        try:
+            return open_session()
+        except paramiko.SSHException as e:
+            self.close()
+            emit(log, "ssh-reconnect", host=self.host.name, reason=str(e))
+        return open_session()
+
     def run(self, argv: list[str], stdin: bytes = b"",
             timeout: float = CALL_TIMEOUT) -> tuple[int, bytes, bytes]:
         """Run the fixed argv on the host (each argument shell-quoted); rc, stdout, stderr."""
         command = shlex.join(argv)
         try:
-            chan_in, chan_out, chan_err = self._client().exec_command(command, timeout=timeout)
-            chan_in.write(stdin)
-            chan_in.channel.shutdown_write()
-            out, err = chan_out.read(), chan_err.read()
-            return chan_out.channel.recv_exit_status(), out, err
+            chan = self._session()
+            chan.settimeout(timeout)
+            chan.exec_command(command)
+            chan.sendall(stdin)
+            chan.shutdown_write()
+            out, err = chan.makefile("rb").read(), chan.makefile_stderr("rb").read()
+            return chan.recv_exit_status(), out, err
         except (paramiko.SSHException, OSError) as e:   # includes socket.timeout
             self.close()
             raise HostUnreachable(f"{self.host.name}: `{command}`: {type(e).__name__}: {e}") \
@@ -496,10 +517,15 @@ class Cluster:
             for host in started:
                 self.links[host].call({"op": "kill", "vm": name})
             raise
+        standby_error = None
         if standby is not None:
-            self._start_standby(name, pair, standby)
+            try:
+                self._start_standby(name, pair, standby)
+            except ClusterError as e:       # the pair runs protected; only the spare is missing
+                emit(log, "cluster-standby-failed", vm=name, host=standby, error=str(e))
+                standby, standby_error = None, str(e)
         return {"vm": name, "primary": primary, "backup": backup, "standby": standby,
-                "epoch": epoch}
+                "standby_error": standby_error, "epoch": epoch}
 
     def _start_standby(self, name: str, pair: dict[str, Any], host: str) -> None:
         config = to_toml(standby_config(pair, self.inv.hosts[host], name))
@@ -616,6 +642,10 @@ def _cluster_action(cluster: Cluster, args: Any) -> int:
     if args.action == "start":
         placed = cluster.start(args.target)
         standby = f", standby on {placed['standby']}" if placed["standby"] else ", no standby"
+        if placed["standby_error"]:
+            standby += (f" (the standby failed to start: {placed['standby_error']}; if a "
+                        f"side's host fails, `vmft cluster protect {args.target}` gives the "
+                        "VM running alone a new backup)")
         print(f"{placed['vm']}: primary on {placed['primary']}, backup on {placed['backup']}"
               f"{standby} (lock epoch {placed['epoch']})")
     elif args.action == "stop":
