@@ -102,9 +102,8 @@ def _load(topo: Topology, requests: int, pages: int, qemu_pid: int,
     """`requests` counter increments, as many counter reads, then `pages` page
     fetches; the guest's counter stood at `counted_before`.  Also what each
     increment cost the (primary's) QEMU `qemu_pid` in CPU time."""
-    start, cpu_start = time.monotonic(), _cpu_s(qemu_pid)
+    cpu_start = _cpu_s(qemu_pid)
     counted = _client(topo, "counter", "--count", str(requests))
-    counter_s = time.monotonic() - start
     qemu_cpu_ms = (_cpu_s(qemu_pid) - cpu_start) * 1000 / requests
     read = _client(topo, "counter", "--get", "--count", str(requests))
     # Throughput proper: READERS clients at once, each on its own connection.
@@ -116,7 +115,7 @@ def _load(topo: Topology, requests: int, pages: int, qemu_pid: int,
     http_s = time.monotonic() - start
     return {
         **_percentiles("", counted["latency_ms"]),
-        "requests_per_s": requests / counter_s,
+        "requests_per_s": _rate([counted]),
         "qemu_cpu_ms_per_request": qemu_cpu_ms,
         **_percentiles("read_", read["latency_ms"]),
         "reads_per_s": _rate([read]),

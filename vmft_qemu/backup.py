@@ -211,7 +211,8 @@ class BackupController(Stateful):
         emit(log, "primary-connected", resume_offset=self.reader.offset)
         silence = max(10 * self.config.channel.heartbeat_ms / 1000, 2.0)
         while True:
-            frame = await asyncio.wait_for(lc.read_frame(reader), silence)
+            async with asyncio.timeout(silence):  # no task per frame, as wait_for makes
+                frame = await lc.read_frame(reader)
             if self._session_task is not asyncio.current_task():
                 # A newer connection replaced this one, and its cancel was lost:
                 # Python 3.11's wait_for returns the result of a read that

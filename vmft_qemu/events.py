@@ -65,6 +65,7 @@ class CappedJsonLines:
         self.older = path.with_name(self.older_name(path.name))
         self.max_bytes = max_bytes
         self._file = open(path, "a", buffering=1)
+        self._size = self._file.tell()  # counted from here: a text file's tell() is slow
 
     @staticmethod
     def older_name(name: str) -> str:
@@ -73,11 +74,14 @@ class CappedJsonLines:
         return f"{stem}.1.{suffix}" if dot else f"{name}.1"
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, default=str) + "\n")
-        if self._file.tell() >= self.max_bytes:
+        line = json.dumps(record, default=str) + "\n"
+        self._file.write(line)
+        self._size += len(line)  # bytes: json.dumps escapes all but ASCII
+        if self._size >= self.max_bytes:
             self._file.close()
             self.path.replace(self.older)
             self._file = open(self.path, "a", buffering=1)
+            self._size = 0
 
     def close(self) -> None:
         self._file.close()

@@ -208,10 +208,22 @@ class Sender:
     writer: asyncio.StreamWriter
     seq: int = 0
 
-    async def send(self, ftype: FrameType, offset: int = 0, icount: int = 0,
-                   payload: bytes = b"", flags: int = 0) -> Frame:
+    def frame(self, ftype: FrameType, offset: int = 0, icount: int = 0,
+              payload: bytes = b"", flags: int = 0) -> Frame:
+        """Number the next frame; `write` it (with others) in numbering order."""
         frame = Frame(ftype, self.seq, offset, icount, payload, flags)
         self.seq += 1
-        self.writer.write(frame.encode())
+        return frame
+
+    async def write(self, *frames: Frame) -> None:
+        """Write `frames` in one piece: one send on the socket, not one each
+        (each send on a TCP socket costs the sender the receiver's network
+        stack too when both ends are on one machine)."""
+        self.writer.write(b"".join(frame.encode() for frame in frames))
         await self.writer.drain()
+
+    async def send(self, ftype: FrameType, offset: int = 0, icount: int = 0,
+                   payload: bytes = b"", flags: int = 0) -> Frame:
+        frame = self.frame(ftype, offset, icount, payload, flags)
+        await self.write(frame)
         return frame

@@ -505,23 +505,33 @@ class PrimaryController(Stateful):
         self._sent_at.clear()
         while True:
             self._new_log.clear()
-            while self._digests:
-                await sender.send(lc.FrameType.DIGEST, payload=self._digests.popleft())
             segment = self.retained.frame_from(offset, max_bytes)
             if segment is None:
                 try:
-                    await asyncio.wait_for(self._new_log.wait(), heartbeat)
+                    async with asyncio.timeout(heartbeat):  # no task per wait, as wait_for makes
+                        await self._new_log.wait()
                 except TimeoutError:
-                    await sender.send(lc.FrameType.HEARTBEAT, offset, self.reader.icount)
+                    await sender.write(*self._digest_frames(sender), sender.frame(
+                        lc.FrameType.HEARTBEAT, offset, self.reader.icount))
                 continue
-            await sender.send(lc.FrameType.LOG, segment.offset, segment.icount, segment.data)
+            await sender.write(*self._digest_frames(sender), sender.frame(
+                lc.FrameType.LOG, segment.offset, segment.icount, segment.data))
             self._sent_at.append((segment.end, time.monotonic()))
             offset = segment.end
+
+    def _digest_frames(self, sender: lc.Sender, most: int = 256) -> list[lc.Frame]:
+        """The released frames' digests, to ride with the next LOG or HEARTBEAT
+        frame: no send of their own (the check is not urgent, and a log flush
+        or a heartbeat comes within `channel.heartbeat_ms`)."""
+        count = min(most, len(self._digests))
+        return [sender.frame(lc.FrameType.DIGEST, payload=self._digests.popleft())
+                for _ in range(count)]
 
     async def _read_acks(self, reader: asyncio.StreamReader, order: lc.FrameOrder) -> None:
         silence = max(10 * self.config.channel.heartbeat_ms / 1000, 2.0)
         while True:
-            frame = await asyncio.wait_for(lc.read_frame(reader), silence)
+            async with asyncio.timeout(silence):
+                frame = await lc.read_frame(reader)
             order.check(frame)
             self.detector.heard()
             if frame.type == lc.FrameType.REFUSE:
@@ -561,12 +571,12 @@ class PrimaryController(Stateful):
         guest.listen(self._on_guest_frame)
 
     def _release(self, frame: bytes) -> None:
-        """The gate opened for `frame`: onto the LAN, and its digest to the backup."""
+        """The gate opened for `frame`: onto the LAN; its digest goes to the backup
+        with the next log frame."""
         assert self._tap is not None
         self._tap.send(frame)
         self._released += 1
         self._digests.append(lc.DIGEST_PAYLOAD.pack(self._released, hashlib.sha256(frame).digest()))
-        self._new_log.set()
 
     def _on_guest_frame(self, frame: bytes) -> None:
         assert self.gate is not None
