@@ -214,12 +214,12 @@ class BackupController(Stateful):
             async with asyncio.timeout(silence):  # no task per frame, as wait_for makes
                 frame = await lc.read_frame(reader)
             if self._session_task is not asyncio.current_task():
-                # A newer connection replaced this one, and its cancel was lost:
-                # Python 3.11's wait_for returns the result of a read that
-                # completed as the cancel came.  Its frames must not reach the
-                # reader after the new session's ACK (seen: after a SIGSTOP and
-                # a reconnect, a backup fed by both acknowledged more log than
-                # the primary had).
+                # A newer connection replaced this one, and its cancel was lost
+                # (seen with the asyncio.wait_for this read used before: Python
+                # 3.11's returns the result of a read that completed as the
+                # cancel came).  Its frames must not reach the reader after the
+                # new session's ACK (seen: after a SIGSTOP and a reconnect, a
+                # backup fed by both acknowledged more log than the primary had).
                 return
             order.check(frame)
             self.detector.heard()

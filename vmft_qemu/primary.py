@@ -511,21 +511,23 @@ class PrimaryController(Stateful):
                     async with asyncio.timeout(heartbeat):  # no task per wait, as wait_for makes
                         await self._new_log.wait()
                 except TimeoutError:
-                    await sender.write(*self._digest_frames(sender), sender.frame(
-                        lc.FrameType.HEARTBEAT, offset, self.reader.icount))
+                    await self._send_with_digests(sender, lc.FrameType.HEARTBEAT, offset,
+                                                  self.reader.icount)
                 continue
-            await sender.write(*self._digest_frames(sender), sender.frame(
-                lc.FrameType.LOG, segment.offset, segment.icount, segment.data))
+            await self._send_with_digests(sender, lc.FrameType.LOG, segment.offset,
+                                          segment.icount, segment.data)
             self._sent_at.append((segment.end, time.monotonic()))
             offset = segment.end
 
-    def _digest_frames(self, sender: lc.Sender, most: int = 256) -> list[lc.Frame]:
-        """The released frames' digests, to ride with the next LOG or HEARTBEAT
-        frame: no send of their own (the check is not urgent, and a log flush
-        or a heartbeat comes within `channel.heartbeat_ms`)."""
-        count = min(most, len(self._digests))
-        return [sender.frame(lc.FrameType.DIGEST, payload=self._digests.popleft())
-                for _ in range(count)]
+    async def _send_with_digests(self, sender: lc.Sender, ftype: lc.FrameType, offset: int,
+                                 icount: int, payload: bytes = b"", most: int = 256) -> None:
+        """Send a LOG or HEARTBEAT frame, after up to `most` of the released
+        frames' digests in the same send: they get no send of their own (the
+        check is not urgent, and one of these frames comes within
+        `channel.heartbeat_ms`)."""
+        digests = [sender.frame(lc.FrameType.DIGEST, payload=self._digests.popleft())
+                   for _ in range(min(most, len(self._digests)))]
+        await sender.write(*digests, sender.frame(ftype, offset, icount, payload))
 
     async def _read_acks(self, reader: asyncio.StreamReader, order: lc.FrameOrder) -> None:
         silence = max(10 * self.config.channel.heartbeat_ms / 1000, 2.0)
