@@ -164,7 +164,7 @@ def run_ft(requests: int, pages: int, work: Path, log_flush_us: int,
     """The FT pair's load ("ft"), then the same load on its primary once the
     backup is gone ("ft_alone").  The primary's QEMU pushes its log out every
     `log_flush_us` (primary.log_flush_us) and wakes its vCPU as inputs are
-    queued; the backup's wakes its replay every backup.replay_kick_us (logflush.c).
+    queued; the backup's wakes its replay whenever it has halted (logflush.c).
 
     `replay_apart` ("ft_replay_apart"): the backup's QEMU is stopped (SIGSTOP)
     while the load runs and lag control is off, so the backup's controller

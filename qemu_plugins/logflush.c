@@ -42,7 +42,7 @@
  *    50 ms without inputs the thread looks only every 2 ms, or every
  *    `interval_us` if that is shorter (an idle guest's first input then
  *    waits up to that long): polling at 100 us costs a tenth of a core.
- *    Measured against waking every 2 ms (kick=on), in alternating runs of
+ *    Measured against waking every 2 ms on a clock, in alternating runs of
  *    bench/latency.py, the FT pair served 19.1 instead of 16.6 counter
  *    requests/s at a p50 of 47.5 instead of 56.8 ms (medians of 3 runs),
  *    and an idle recording logs 24 instead of 54 KiB/s: a wake-up with
@@ -64,16 +64,29 @@
  *    request cost QEMU 28-35 instead of 33-40 ms of CPU, p50 28-32 instead
  *    of 33-35 ms.  At 1000 and 2000 us the p50 got worse again.
  *
- * 3. kick=on (the replay) wakes the vCPU every `interval_us`.  Each wake-up
- *    of a recording logs a checkpoint (CHECKPOINT_CLOCK_WARP_ACCOUNT) that
- *    only the replaying vCPU thread can consume, and nothing in a replaying
- *    QEMU wakes its halted vCPU for it before the main loop's warp timer
- *    runs out, which is up to the guest's next timer: measured, an idle pair
- *    whose recording alone kicked fell behind 8 s in 30 s; with the replay
- *    kicking too it stayed 22 ms behind (median).  So the backup's QEMU loads
- *    this plugin too.  Waking a replay is harmless: it consumes only what the
- *    log says, when the log says so.  The thread kicks, waits an eighth of
- *    the interval and then flushes.
+ * 3. kick=halted (the replay) wakes the vCPU when it has halted.  Each
+ *    wake-up of a recording logs a checkpoint (CHECKPOINT_CLOCK_WARP_ACCOUNT)
+ *    that only the replaying vCPU thread can consume, and nothing in a
+ *    replaying QEMU wakes its halted vCPU for it before the main loop's warp
+ *    timer runs out, which is up to the guest's next timer: measured, an idle
+ *    pair whose recording alone kicked fell behind 8 s in 30 s.  So the
+ *    backup's QEMU loads this plugin too.  Waking a replay is harmless: it
+ *    consumes only what the log says, when the log says so.  A running
+ *    replay's vCPU takes those checkpoints at the top of its own loop, so the
+ *    thread wakes it only when all_cpu_threads_idle() says it has halted
+ *    (read as for kick=inputs): it looks every `poll_us` (100) after finding
+ *    it halted, every 500 us (RUNNING_POLL_US) after finding it running.
+ *    The replay used to be woken on a clock, every 500 us, running or not.
+ *    Each such wake-up stops the translated code (and a plugin's mask update
+ *    clears the vCPU's jump cache), and a halted vCPU waited 250 us on
+ *    average for it: a backlog of 300 counter requests halts the replay's
+ *    vCPU about 16 k times (at 5 ms the same backlog took 59 instead of
+ *    23 s to replay).  Measured in alternating runs, each QEMU pinned to a
+ *    core of its own: under the counter load lag control made the primary's
+ *    vCPU sleep 7.5-9.8 % of the load instead of 16-18 % (3 pairs), and a
+ *    backlog of 300 requests, the backup's QEMU stopped while they ran,
+ *    replayed in 18.9 and 20.1 s against 19.7-24.7 s (4 runs), within the
+ *    machine's noise.
  *
  * 4. Flush on request (`flush_socket=PATH`, the recording of an FT pair).
  *    The output gate stamps each frame the guest sends with a log position
@@ -102,7 +115,7 @@
  * are unchanged, and every input stays in the log at the instruction it was
  * delivered at.
  *
- * Usage: -plugin liblogflush.so,interval_us=2000[,kick=inputs|on|off][,poll_us=100]
+ * Usage: -plugin liblogflush.so,interval_us=2000[,kick=inputs|halted|off][,poll_us=100]
  *                [,flush_socket=PATH]
  */
 
@@ -126,16 +139,16 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 
 #define BUSY_NS 50000000L /* kick=inputs polls fast this long after an input */
 #define IDLE_POLL_US 2000L /* kick=inputs polls at most this slowly */
-#define RUNNING_POLL_US 500L /* kick=inputs polls this slowly while the vCPU runs */
+#define RUNNING_POLL_US 500L /* kick=inputs|halted poll this slowly while the vCPU runs */
 #define FOLLOW_UP_NS 300000L /* 4. above: flush again this long after a request, */
 #define FOLLOW_UPS 3          /* and this many times, each gap twice the one before */
 
 static atomic_bool stopping;
 static pthread_t flusher;
-static struct timespec interval, before_kick, settle, poll_span, idle_span, running_span;
+static struct timespec interval, poll_span, idle_span, running_span;
 static long interval_ns;
 static qemu_plugin_id_t self;
-static enum { KICK_OFF, KICK_ON, KICK_INPUTS } kick = KICK_ON;
+static enum { KICK_OFF, KICK_INPUTS, KICK_HALTED } kick = KICK_OFF;
 static bool (*inputs_queued)(void); /* QEMU's replay_has_events() */
 static bool (*vcpu_halted)(void); /* QEMU's all_cpu_threads_idle() */
 static int requests = -1; /* 4. above: the flush_socket, or -1 */
@@ -225,6 +238,19 @@ static void wake_on_inputs_until(long flush_at)
     }
 }
 
+/* kick=halted (the replay): wake the vCPU whenever it has halted, until a flush is due. */
+static void wake_when_halted_until(long flush_at)
+{
+    static bool was_halted;
+    while (!atomic_load(&stopping) && now_ns() < flush_at) {
+        wait_for(was_halted ? poll_span : running_span);
+        was_halted = vcpu_halted();
+        if (was_halted) {
+            wake_vcpu();
+        }
+    }
+}
+
 static void *flush_forever(void *unused)
 {
     (void)unused;
@@ -233,13 +259,8 @@ static void *flush_forever(void *unused)
         case KICK_INPUTS:
             wake_on_inputs_until(now_ns() + interval_ns);
             break;
-        case KICK_ON:
-            /* Wake the vCPU, then give it `settle` to log what it delivers
-             * (a checkpoint, the queued inputs), so this round's flush
-             * carries them rather than the next one's. */
-            wait_for(before_kick);
-            wake_vcpu();
-            wait_for(settle);
+        case KICK_HALTED:
+            wake_when_halted_until(now_ns() + interval_ns);
             break;
         case KICK_OFF:
             wait_for(interval);
@@ -302,8 +323,8 @@ static long parse_us(const char *name, const char *value)
 /* The kick mode called `name`, or -1. */
 static int kick_named(const char *name)
 {
-    static const char *const kicks[] = {[KICK_OFF] = "off", [KICK_ON] = "on",
-                                        [KICK_INPUTS] = "inputs"};
+    static const char *const kicks[] = {[KICK_OFF] = "off", [KICK_INPUTS] = "inputs",
+                                        [KICK_HALTED] = "halted"};
     for (size_t k = 0; k < sizeof(kicks) / sizeof(kicks[0]); k++) {
         if (strcmp(name, kicks[k]) == 0) {
             return (int)k;
@@ -319,7 +340,7 @@ static const char *value_of(const char *arg, const char *name)
     return strncmp(arg, name, len) == 0 && arg[len] == '=' ? arg + len + 1 : NULL;
 }
 
-/* Parses interval_us=N, poll_us=N, kick=inputs|on|off and flush_socket=PATH into
+/* Parses interval_us=N, poll_us=N, kick=inputs|halted|off and flush_socket=PATH into
  * `us`, `poll_us` and `socket_path`; returns false on a bad argument. */
 static bool parse_args(int argc, char **argv, long *us, long *poll_us,
                        const char **socket_path)
@@ -341,7 +362,7 @@ static bool parse_args(int argc, char **argv, long *us, long *poll_us,
             *socket_path = value;
         } else {
             fprintf(stderr, "logflush: unknown argument '%s' (known: interval_us=N, "
-                    "poll_us=N, kick=inputs|on|off, flush_socket=PATH)\n", argv[i]);
+                    "poll_us=N, kick=inputs|halted|off, flush_socket=PATH)\n", argv[i]);
             return false;
         }
     }
@@ -365,12 +386,13 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
         fprintf(stderr, "logflush: only for system emulation (record/replay)\n");
         return -1;
     }
-    if (kick == KICK_INPUTS) {
-        inputs_queued = (bool (*)(void))dlsym(RTLD_DEFAULT, "replay_has_events");
+    if (kick != KICK_OFF) {
         vcpu_halted = (bool (*)(void))dlsym(RTLD_DEFAULT, "all_cpu_threads_idle");
-        if (inputs_queued == NULL || vcpu_halted == NULL) {
+        inputs_queued = (bool (*)(void))dlsym(RTLD_DEFAULT, "replay_has_events");
+        if (vcpu_halted == NULL || (kick == KICK_INPUTS && inputs_queued == NULL)) {
             fprintf(stderr, "logflush: kick=inputs needs replay_has_events() and "
-                    "all_cpu_threads_idle(), which this QEMU does not export; use kick=on\n");
+                    "all_cpu_threads_idle(), kick=halted the latter; this QEMU does not "
+                    "export them: use kick=off\n");
             return -1;
         }
     }
@@ -380,8 +402,6 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
     self = id;
     interval_ns = us * 1000;
     interval = span_us(us);
-    settle = span_us(us / 8);
-    before_kick = span_us(us - us / 8);
     poll_span = span_us(poll_us);
     idle_span = span_us(us < IDLE_POLL_US ? us : IDLE_POLL_US);
     running_span = span_us(poll_us > RUNNING_POLL_US ? poll_us : RUNNING_POLL_US);

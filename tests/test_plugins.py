@@ -26,9 +26,9 @@ def test_qemu_loads_logflush_and_it_refuses_bad_arguments(tmp_path: Path) -> Non
         return subprocess.run(base + ["-plugin", f"{plugin},{args}", *kw.get("extra", [])],
                               input=kw.get("input"), capture_output=True, text=True, timeout=60)
     # kick=inputs finds replay_has_events() and all_cpu_threads_idle() in the QEMU
-    # binary; a QEMU without them would refuse here.
+    # binary, kick=halted the latter; a QEMU without them would refuse here.
     for ok_args in ("interval_us=1000,kick=off", "interval_us=2000,kick=inputs,poll_us=100",
-                    "interval_us=500,kick=on"):
+                    "kick=halted,poll_us=100"):
         ok = run(ok_args, extra=["-S", "-qmp", "stdio"],
                  input='{"execute":"qmp_capabilities"}\n{"execute":"quit"}\n')
         assert ok.returncode == 0, (ok_args, ok.stderr)
@@ -38,7 +38,7 @@ def test_qemu_loads_logflush_and_it_refuses_bad_arguments(tmp_path: Path) -> Non
     assert bad_poll.returncode != 0 and "poll_us must be 100 .. 1000000" in bad_poll.stderr
     unknown = run("kick=sometimes")
     assert unknown.returncode != 0 and \
-        "known: interval_us=N, poll_us=N, kick=inputs|on|off, flush_socket=PATH" in unknown.stderr
+        "known: interval_us=N, poll_us=N, kick=inputs|halted|off, flush_socket=PATH" in unknown.stderr
 
 
 def test_logflush_answers_each_flush_request_on_its_socket() -> None:

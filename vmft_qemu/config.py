@@ -35,8 +35,9 @@ an error naming its key and what is allowed.
     address = "127.0.0.1"         # where the backup listens for the log channel
     log_port = 7400
     metrics_port = 0              # the backup's (and, after go-live, the new primary's)
-    replay_kick_us = 500          # wake the replay this often, to take the checkpoints
-                                  # the primary's wake-ups logged
+    replay_kick_us = 100          # after the replay's vCPU halts, look this often whether
+                                  # it has halted again and wake it, to take the
+                                  # checkpoints the primary's wake-ups logged
 
     [lag]
     target_ms = 100               # backup at most this far behind (primary's clock)
@@ -276,7 +277,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "address": (_address, "127.0.0.1"),
         "log_port": (_int_range(1, 65535), 7400),
         "metrics_port": (_int_range(0, 65535), 0),
-        "replay_kick_us": (_int_range(100, 1_000_000), 500),
+        "replay_kick_us": (_int_range(100, 1_000_000), 100),
     },
     "lag": {
         "target_ms": (_int_range(10, 60_000), 100),

@@ -58,7 +58,7 @@ class VMSpec:
     ip: str | None = None  # the guest's address/prefix, e.g. 192.168.77.10/24
     tap: str | None = None  # NIC straight on this TAP: a baseline without FT
     log_flush_us: int = 0  # record side: flush the replay log this often (0: never)
-    replay_kick_us: int = 0  # replay side: wake the vCPU this often (0: never)
+    replay_kick_us: int = 0  # replay side: look this often for a halted vCPU to wake (0: never)
     throttle: bool = False  # record side: load the throttle plugin for lag control
     rtc_base: str = "2026-01-01T00:00:00"  # the guest's RTC at its first boot (UTC)
 
@@ -201,11 +201,12 @@ def command_line(spec: VMSpec, role: Role, paths: MachinePaths,
         # logflush.c: the recording wakes its vCPU as soon as an input is
         # queued, so that it reaches the guest at once, and pushes its log out
         # every interval and whenever the output gate asks; the replay wakes
-        # its vCPU on a clock, to take the checkpoints those wake-ups logged.
+        # its vCPU whenever it has halted, to take the checkpoints those
+        # wake-ups logged.
         args += _plugin("logflush", f"interval_us={spec.log_flush_us}", "kick=inputs",
                         f"flush_socket={paths.log_flush}")
     if role is Role.REPLAY and spec.replay_kick_us:
-        args += _plugin("logflush", f"interval_us={spec.replay_kick_us}", "kick=on")
+        args += _plugin("logflush", "kick=halted", f"poll_us={spec.replay_kick_us}")
     if role is Role.RECORD and spec.throttle:
         # Only the recording is throttled; the replay needs no plugin.
         args += _plugin("throttle", f"control={paths.throttle}")
