@@ -76,6 +76,7 @@
  *    thread wakes it only when all_cpu_threads_idle() says it has halted
  *    (read as for kick=inputs): it looks every `poll_us` (100) after finding
  *    it halted, every 500 us (RUNNING_POLL_US) after finding it running.
+ *    It ignores `interval_us` and flushes nothing (a replay writes no log).
  *    The replay used to be woken on a clock, every 500 us, running or not.
  *    Each such wake-up stops the translated code (and a plugin's mask update
  *    clears the vCPU's jump cache), and a halted vCPU waited 250 us on
@@ -238,33 +239,32 @@ static void wake_on_inputs_until(long flush_at)
     }
 }
 
-/* kick=halted (the replay): wake the vCPU whenever it has halted, until a flush is due. */
-static void wake_when_halted_until(long flush_at)
+/* kick=halted (the replay): wake the vCPU whenever it has halted.  A replay
+ * writes no log, so this thread never flushes: fflush(NULL) locks every
+ * stream, the replay log too, which a replaying thread holds while it waits in
+ * getc() for the next log bytes. */
+static void *wake_whenever_halted(void *unused)
 {
-    static bool was_halted;
-    while (!atomic_load(&stopping) && now_ns() < flush_at) {
+    (void)unused;
+    bool was_halted = false;
+    while (!atomic_load(&stopping)) {
         wait_for(was_halted ? poll_span : running_span);
         was_halted = vcpu_halted();
         if (was_halted) {
             wake_vcpu();
         }
     }
+    return NULL;
 }
 
 static void *flush_forever(void *unused)
 {
     (void)unused;
     while (!atomic_load(&stopping)) {
-        switch (kick) {
-        case KICK_INPUTS:
+        if (kick == KICK_INPUTS) {
             wake_on_inputs_until(now_ns() + interval_ns);
-            break;
-        case KICK_HALTED:
-            wake_when_halted_until(now_ns() + interval_ns);
-            break;
-        case KICK_OFF:
+        } else {
             wait_for(interval);
-            break;
         }
         fflush(NULL);
     }
@@ -405,7 +405,8 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
     poll_span = span_us(poll_us);
     idle_span = span_us(us < IDLE_POLL_US ? us : IDLE_POLL_US);
     running_span = span_us(poll_us > RUNNING_POLL_US ? poll_us : RUNNING_POLL_US);
-    if (pthread_create(&flusher, NULL, flush_forever, NULL) != 0) {
+    if (pthread_create(&flusher, NULL, kick == KICK_HALTED ? wake_whenever_halted : flush_forever,
+                       NULL) != 0) {
         fprintf(stderr, "logflush: cannot start the flush thread\n");
         return -1;
     }
