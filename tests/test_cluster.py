@@ -339,7 +339,10 @@ def pull_the_primary_host(lab: Lab) -> subprocess.Popen[str]:
 def nothing_lost_and_stopped_cleanly(lab: Lab, client: subprocess.Popen[str]) -> None:
     out, _ = client.communicate(timeout=180)
     result = json.loads(out)
-    assert result["error"] is None, result
+    slow = [(i, round(ms)) for i, ms in enumerate(result["latency_ms"]) if ms > 1000]
+    print(f"client: {len(result['answers'])} answers, reconnects {result['reconnects']}, "
+          f"answers over 1 s (index, ms) {slow}")
+    assert result["error"] is None, (result["error"], result["reconnects"], lab.show())
     assert result["answers"][-1] == 100                    # nothing acknowledged was lost
     ticks = sum(line.startswith("tick ") for line in lab.console("b"))
     wait_for(lambda: sum(line.startswith("tick ") for line in lab.console("b")) >= ticks + 2,

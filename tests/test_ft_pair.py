@@ -126,6 +126,9 @@ def test_damaged_frame_is_refused_and_replay_goes_on(pair_factory, mode: str) ->
         # The primary reconnects and the replay carries on, still identical.
         wait_for(lambda: proxy.connections >= 2 and pair.status("primary")["connected"], 30,
                  "the primary to reconnect")
+        # The fault comes early in the boot: the backup replays the rest of it first.
+        wait_for(lambda: "VMFT-BOOT-OK" in pair.console("backup"), 180,
+                 "the backup to replay the boot")
         seen = len(_ticks(pair.console("backup")))
         wait_for(lambda: len(_ticks(pair.console("backup"))) >= seen + 3, 60,
                  "the backup to replay three more ticks")
