@@ -13,6 +13,7 @@ inventory, the placement and the agent's protocol on a local socket.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -182,6 +183,43 @@ def test_the_agent_answers_on_its_socket_and_refuses_bad_requests(tmp_path: Path
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+class DrillAgent(ag.Agent):
+    """An agent whose pull-plug only notes when it would have pulled."""
+
+    def __init__(self, state_dir: Path) -> None:
+        super().__init__("h1", state_dir)
+        self.pulled = asyncio.Event()
+
+    def pull_plug(self) -> None:
+        self.pulled.set()
+
+
+def test_the_plug_is_pulled_only_after_the_caller_has_hung_up(tmp_path: Path,
+                                                               monkeypatch) -> None:
+    # The answer goes back through the links the pull takes down (over SSH): a
+    # caller slower than the pull delay must still get it.
+    monkeypatch.setattr(ag, "PULL_DELAY", 0.05)
+    sock = tmp_path / "agent.sock"
+
+    async def drill() -> None:
+        agent = DrillAgent(tmp_path / "state")
+        server = asyncio.create_task(ag.serve(agent, sock))
+        try:
+            while not sock.exists():
+                await asyncio.sleep(0.01)
+            reader, writer = await asyncio.open_unix_connection(str(sock))
+            writer.write(b'{"op": "pull-plug"}\n')
+            assert json.loads(await reader.readline()) == {"ok": True, "in_s": 0.05}
+            with pytest.raises(asyncio.TimeoutError):     # still connected: not pulled
+                await asyncio.wait_for(agent.pulled.wait(), 0.5)
+            writer.close()
+            await asyncio.wait_for(agent.pulled.wait(), 5)
+        finally:
+            server.cancel()
+
+    asyncio.run(drill())
 
 
 # --- the cluster on three netns hosts, over SSH ----------------------------------------

@@ -22,8 +22,9 @@ The protocol: one JSON object per line, one request per connection.
     {"op": "config", "vm": V}                       the config V's running controller here has
     {"op": "stop",  "vm": V}                        SIGTERM V's controllers here
     {"op": "kill",  "vm": V}                        SIGKILL them (and their QEMUs)
-    {"op": "pull-plug"}                             drill: answer, then every link but lo
-                                                    down and every controller SIGKILLed
+    {"op": "pull-plug"}                             drill: answer; once the caller has hung
+                                                    up, every link but lo down and every
+                                                    controller SIGKILLed
 
 Every answer has "ok" and, when false, "error".  State lives in the state
 directory (`VM/ROLE.toml`, `VM/ROLE.pid` with the process's start time,
@@ -34,6 +35,7 @@ systemd unit stops only the agent (KillMode=process), never a running VM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -46,7 +48,7 @@ import tomllib
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import psutil
 
@@ -62,7 +64,9 @@ STATE_DIR = Path("/var/lib/vmft/agent")
 ROLES = ("primary", "backup", "protect")
 MAX_REQUEST = 1 << 20              # bytes in one request line
 START_TIMEOUT = 30.0               # for a started controller to answer on its status socket
-PULL_DELAY = 0.3                   # s between the pull-plug answer and the links going down
+PULL_DELAY = 1.0                   # s from the pull-plug caller's hang-up to the links going down:
+                                   # for the relay to exit and sshd to pass its answer on
+HANG_UP_TIMEOUT = 10.0             # s the pull-plug waits at most for its caller to hang up
 CALL_TIMEOUT = 60.0
 
 
@@ -276,7 +280,6 @@ class Agent:
             return self.signal_vm(_field(request, "vm"),
                                   signal.SIGTERM if op == "stop" else signal.SIGKILL)
         if op == "pull-plug":
-            asyncio.get_running_loop().call_later(PULL_DELAY, self.pull_plug)
             return {"in_s": PULL_DELAY}
         raise AgentError(f"unknown op {op!r}: info, start, config, stop, kill or pull-plug")
 
@@ -292,6 +295,7 @@ async def serve(agent: Agent, path: Path = SOCKET) -> None:
     """Answer requests on the unix socket `path` (its owner only) until cancelled."""
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        request: Any = None
         try:
             line = await reader.readline()
             request = json.loads(line)
@@ -305,6 +309,9 @@ async def serve(agent: Agent, path: Path = SOCKET) -> None:
             reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
         writer.write(json.dumps(reply, default=str).encode() + b"\n")
         await writer.drain()
+        if reply["ok"] and isinstance(request, dict) and request.get("op") == "pull-plug":
+            await _hung_up(reader)
+            asyncio.get_running_loop().call_later(PULL_DELAY, agent.pull_plug)
         writer.close()
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,6 +324,16 @@ async def serve(agent: Agent, path: Path = SOCKET) -> None:
     emit(log, "agent-listening", host=agent.name, socket=str(path))
     async with server:
         await server.serve_forever()
+
+
+async def _hung_up(reader: asyncio.StreamReader) -> None:
+    """Until the caller closes its end (bounded).  A pull-plug's answer travels
+    back through the host's own links (`vmft agent call` over SSH): the links go
+    down only after the relay has passed it on and hung up."""
+    try:
+        await asyncio.wait_for(reader.read(), HANG_UP_TIMEOUT)
+    except (asyncio.TimeoutError, OSError):
+        pass
 
 
 def run(agent: Agent, path: Path) -> int:
@@ -367,25 +384,34 @@ def detach(path: Path, log_file: Path, timeout: float = 10.0) -> int | None:
             time.sleep(0.05)
 
 
-def call(path: Path, request: dict[str, Any], timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
-    """Send one request to the agent at `path`; its answer."""
+@contextlib.contextmanager
+def _session(path: Path, request: dict[str, Any], timeout: float) -> Iterator[dict[str, Any]]:
+    """One request to the agent at `path`; its answer, the connection still open."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(timeout)
         sock.connect(str(path))
         sock.sendall(json.dumps(request).encode() + b"\n")
         with sock.makefile("rb") as answer:
-            return json.loads(answer.readline(MAX_REQUEST))
+            yield json.loads(answer.readline(MAX_REQUEST))
+
+
+def call(path: Path, request: dict[str, Any], timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
+    """Send one request to the agent at `path`; its answer."""
+    with _session(path, request, timeout) as answer:
+        return answer
 
 
 def relay(path: Path) -> int:
-    """`vmft agent call`: one request line from stdin to the agent, its answer to stdout."""
+    """`vmft agent call`: one request line from stdin to the agent, its answer to
+    stdout, written before the connection closes (a pull-plug waits for that)."""
     line = sys.stdin.buffer.readline(MAX_REQUEST)
     try:
-        answer, code = call(path, json.loads(line)), 0
+        with _session(path, json.loads(line), CALL_TIMEOUT) as answer:
+            print(json.dumps(answer), flush=True)
+            return 0
     except (OSError, ValueError) as e:
-        answer, code = {"ok": False, "error": f"no answer from the agent at {path}: {e}"}, 2
-    print(json.dumps(answer))
-    return code
+        print(json.dumps({"ok": False, "error": f"no answer from the agent at {path}: {e}"}))
+        return 2
 
 
 # --- the command line ---------------------------------------------------------------

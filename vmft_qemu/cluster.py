@@ -67,6 +67,7 @@ import json
 import logging
 import re
 import shlex
+import socket
 import sys
 import textwrap
 import time
@@ -86,6 +87,8 @@ log = logging.getLogger(__name__)
 STOP_TIMEOUT = 120.0           # for both sides to end after a clean stop (the backup
                                # replays up to the shutdown first)
 CALL_TIMEOUT = 90.0            # one agent request over SSH (a start waits for the controller)
+INFO_TIMEOUT = 15.0            # one host's info (its agent asks each of its controllers)
+PLUG_PROBE_S = 0.5             # s a probe of a pulled host's SSH port waits for an answer, and between probes
 
 
 class ClusterError(RuntimeError):
@@ -394,9 +397,9 @@ class AgentLink:
             raise HostUnreachable(f"{self.host.name}: `{command}`: {type(e).__name__}: {e}") \
                 from None
 
-    def call(self, request: dict[str, Any]) -> dict[str, Any]:
+    def call(self, request: dict[str, Any], timeout: float = CALL_TIMEOUT) -> dict[str, Any]:
         argv = [str(self.inv.vmft), "agent", "call", "--socket", str(self.host.agent_socket)]
-        rc, out, err = self.run(argv, json.dumps(request).encode() + b"\n")
+        rc, out, err = self.run(argv, json.dumps(request).encode() + b"\n", timeout)
         try:
             answer = json.loads(out)
         except ValueError:
@@ -458,7 +461,7 @@ class Cluster:
         """Every host's agent info, or {"error": ...} for a host that cannot be reached."""
         def ask(link: AgentLink) -> dict[str, Any]:
             try:
-                return link.call({"op": "info"})
+                return link.call({"op": "info"}, INFO_TIMEOUT)
             except ClusterError as e:
                 return {"error": str(e)}
 
@@ -568,8 +571,26 @@ class Cluster:
                                f"(hosts: {', '.join(self.links)})")
         answer = self.links[host].call({"op": "pull-plug"})
         self.links[host].close()
-        emit(log, "cluster-plug-pulled", host=host)
-        return {"host": host, "in_s": answer["in_s"]}
+        # Return only once the host is gone: a request that reached it just
+        # before its links went down would wait out its whole timeout.
+        started = time.monotonic()
+        bound = answer["in_s"] + 2 * self.inv.connect_timeout_s
+        while self._answers_ssh(self.inv.hosts[host]):
+            if time.monotonic() - started > bound:
+                raise ClusterError(f"{host}'s agent took the pull-plug, but {host} still answers "
+                                   f"on SSH after {bound:.0f} s")
+            time.sleep(PLUG_PROBE_S)
+        down_after_s = round(time.monotonic() - started, 2)
+        emit(log, "cluster-plug-pulled", host=host, down_after_s=down_after_s)
+        return {"host": host, "down_after_s": down_after_s}
+
+    @staticmethod
+    def _answers_ssh(host: HostSpec) -> bool:
+        try:
+            socket.create_connection((host.address, host.port), timeout=PLUG_PROBE_S).close()
+            return True
+        except OSError:
+            return False
 
     def spare_for(self, name: str, survey: dict[str, dict[str, Any]]) -> str:
         """The host a new backup for a VM running alone would go to."""
@@ -657,8 +678,9 @@ def _cluster_action(cluster: Cluster, args: Any) -> int:
             raise ClusterError(f"pull-plug takes every network link of {args.target} down and "
                                "SIGKILLs its VMs; you need console access to bring it back. "
                                "Add --yes to do it.")
-        cluster.pull_plug(args.target)
-        print(f"{args.target}: plug pulled")
+        pulled = cluster.pull_plug(args.target)
+        print(f"{args.target}: plug pulled (unreachable {pulled['down_after_s']:.1f} s after "
+              "its agent answered)")
     elif args.action == "protect":
         placed = cluster.protect(args.target)
         print(f"{args.target}: standby started on {placed['standby']}; the primary on "
@@ -679,8 +701,9 @@ def add_cli(sub: Any) -> None:
                "runs, its state and lag (exit 1 if a host is unreachable);  start VM: place "
                "and start the backup, then the primary;  stop VM: shut the guest down on "
                "its primary (the backup replays the shutdown);  pull-plug HOST --yes: a "
-               "failover drill, the host takes every link down and its VMs die, the backups "
-               "elsewhere take over and join the standby;  protect VM: a standby on a spare "
+               "failover drill, the host takes every link down and its VMs die (it returns "
+               "once the host no longer answers), the backups elsewhere take over and join "
+               "the standby;  protect VM: a standby on a spare "
                "host for a VM that runs alone without one;  example: print an annotated inventory.  "
                "A typical drill: `vmft cluster start web; vmft cluster show; "
                "vmft cluster pull-plug a --yes; vmft cluster show`.")
