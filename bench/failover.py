@@ -32,8 +32,9 @@ from typing import Any
 
 import report as report_file
 from vmft_qemu.lan_watch import LanWatch
-from vmft_qemu.pair import LocalPair, lan_with_storage, pull_the_plug, wait_for
+from vmft_qemu.pair import LocalPair, lan_with_storage, pull_the_plug
 from vmft_qemu.topology import GUEST_MAC
+from vmft_qemu.waiting import wait_for
 
 INCREMENTS = 400
 

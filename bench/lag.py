@@ -36,7 +36,8 @@ from overhead import time_markers
 from vmft_qemu.cpu_limit import CpuLimit
 from vmft_qemu.events import read_jsonl
 from vmft_qemu.metrics import SAMPLES_NAME
-from vmft_qemu.pair import LocalPair, wait_for
+from vmft_qemu.pair import LocalPair
+from vmft_qemu.waiting import wait_for
 
 LOOPS = {"on": True, "off": False}
 

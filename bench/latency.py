@@ -54,8 +54,9 @@ from vmft_qemu.config import from_dict
 from vmft_qemu.events import read_jsonl
 from vmft_qemu.images import locate
 from vmft_qemu.machine import Machine, Role, VMSpec
-from vmft_qemu.pair import LocalPair, pull_the_plug, wait_for
+from vmft_qemu.pair import LocalPair, pull_the_plug
 from vmft_qemu.topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, Topology
+from vmft_qemu.waiting import wait_for
 
 
 

@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import report as report_file
-from vmft_qemu.pair import SpareHosts, wait_for
+from vmft_qemu.pair import SpareHosts
 from vmft_qemu.topology import GUEST_IP, Topology
+from vmft_qemu.waiting import wait_for
 
 
 def _last(vm: SpareHosts, host: str, name: str) -> dict[str, Any]:

@@ -14,8 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmft_qemu.pair import wait_for
 from vmft_qemu.topology import Host, Topology
+from vmft_qemu.waiting import wait_for
 
 SSHD = "/usr/sbin/sshd"
 PRIVSEP_DIR = Path("/run/sshd")       # sshd refuses to start without it

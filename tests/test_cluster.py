@@ -33,8 +33,9 @@ from vmft_qemu import agent as ag
 from vmft_qemu import cluster as cl
 from vmft_qemu.config import ConfigError
 from vmft_qemu.nfs_server import NfsServer
-from vmft_qemu.pair import TAP, wait_for
+from vmft_qemu.pair import TAP
 from vmft_qemu.topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, STORAGE_IP, Topology
+from vmft_qemu.waiting import wait_for
 
 VMFT = Path(sys.executable).parent / "vmft"
 VM = "web"

@@ -24,8 +24,9 @@ from vmft_qemu import test_and_set as tas
 from vmft_qemu.go_live import SNAPSHOT
 from vmft_qemu.machine import MachinePaths
 from vmft_qemu.nfs_server import NfsServer
-from vmft_qemu.pair import LocalPair, lan_with_storage, pull_the_plug, wait_for
+from vmft_qemu.pair import LocalPair, lan_with_storage, pull_the_plug
 from vmft_qemu.report import write_report
+from vmft_qemu.waiting import wait_for
 
 from .test_metrics import states
 from .test_report import plotted

@@ -14,8 +14,9 @@ from vmft_qemu import disk_identity
 from vmft_qemu import log_channel as lc
 from vmft_qemu.events import read_jsonl
 from vmft_qemu.machine import MachinePaths
-from vmft_qemu.pair import LocalPair, free_port, wait_for
+from vmft_qemu.pair import LocalPair, free_port
 from vmft_qemu.replay_log import REPLAY_VERSION
+from vmft_qemu.waiting import wait_for
 
 from .faults import MODES, FaultProxy
 from .test_metrics import parse, states, value

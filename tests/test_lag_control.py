@@ -26,7 +26,8 @@ from vmft_qemu.events import read_jsonl
 from vmft_qemu.lag_control import KP, MAX_SHARE, LagControl, Throttle
 from vmft_qemu.machine import PLUGIN_DIR, Machine, Role, VMSpec
 from vmft_qemu.metrics import SAMPLES_NAME
-from vmft_qemu.pair import LocalPair, lan_with_storage, pull_the_plug, wait_for
+from vmft_qemu.pair import LocalPair, lan_with_storage, pull_the_plug
+from vmft_qemu.waiting import wait_for
 
 starved_backup_test = pytest.mark.skipif(
     cpu_limit.available() is not None, reason=f"cannot starve the backup: {cpu_limit.available()}")

@@ -30,7 +30,8 @@ from vmft_qemu import libvirt_domain as lv
 from vmft_qemu import machine
 from vmft_qemu.go_live import SNAPSHOT
 from vmft_qemu.machine import MachinePaths, Role, VMSpec, command_line
-from vmft_qemu.pair import LocalPair, wait_for
+from vmft_qemu.pair import LocalPair
+from vmft_qemu.waiting import wait_for
 
 GUEST = dict(name="lvt", memory_mib=256, mac="52:54:00:77:00:10", ip="192.168.77.10/24")
 

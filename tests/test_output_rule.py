@@ -13,8 +13,9 @@ from typing import Any, Iterator
 
 import pytest
 
-from vmft_qemu.pair import LocalPair, wait_for
+from vmft_qemu.pair import LocalPair
 from vmft_qemu.topology import GUEST_IP, Topology
+from vmft_qemu.waiting import wait_for
 
 from .test_metrics import parse, value
 

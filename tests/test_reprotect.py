@@ -22,8 +22,9 @@ from vmft_qemu import disk_identity, reprotect
 from vmft_qemu import log_channel as lc
 from vmft_qemu.replay_log import (CLOCK_VIRTUAL_RT, END, EXCEPTION, INSTRUCTION, SHUTDOWN_FIRST,
                                   ReplayLogReader)
-from vmft_qemu.pair import SpareHosts, wait_for
+from vmft_qemu.pair import SpareHosts
 from vmft_qemu.topology import GUEST_IP, Topology
+from vmft_qemu.waiting import wait_for
 
 WRITES = 300  # counter increments, each synced to the guest's root disk
 

@@ -43,7 +43,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import tomllib
 from dataclasses import dataclass
 from importlib import metadata
@@ -55,6 +54,7 @@ import psutil
 from . import config as cfg
 from . import status as st
 from .events import emit
+from .waiting import wait_for, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -220,20 +220,22 @@ class Agent:
         side.pid_path.write_text(f"{child.pid} {psutil.Process(child.pid).create_time():.3f}\n")
         emit(log, "agent-started", vm=vm, role=role, pid=child.pid)
         run_dir = run_dir_of(config, role)
-        deadline = time.monotonic() + START_TIMEOUT
-        while True:   # until the controller answers on its status socket
+
+        def answers() -> bool:   # the controller, on its status socket
             if child.poll() is not None:
                 raise AgentError(f"{vm} {role} exited with {child.returncode}: "
                                  f"{_tail(side.out_path)}")
             try:
                 st.query(run_dir / st.SOCKET_NAME, timeout=1)
-                break
+                return True
             except (OSError, ValueError):
-                pass
-            if time.monotonic() > deadline:
-                raise AgentError(f"{vm} {role} (pid {child.pid}) did not answer on "
-                                 f"{run_dir / st.SOCKET_NAME} within {START_TIMEOUT:.0f} s")
-            await asyncio.sleep(0.1)
+                return False
+
+        try:
+            await wait_until(answers, START_TIMEOUT, f"{vm} {role} to answer")
+        except TimeoutError:
+            raise AgentError(f"{vm} {role} (pid {child.pid}) did not answer on "
+                             f"{run_dir / st.SOCKET_NAME} within {START_TIMEOUT:.0f} s") from None
         return {"pid": child.pid, "run_dir": str(run_dir)}
 
     def config(self, vm: str) -> dict[str, Any]:
@@ -370,18 +372,22 @@ def detach(path: Path, log_file: Path, timeout: float = 10.0) -> int | None:
         os.close(fd)
         os.close(null)
         return None
-    deadline = time.monotonic() + timeout
-    while True:
+
+    def answers() -> bool:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             raise AgentError(f"the agent exited at once (status {status}): {_tail(log_file)}")
         try:
             call(path, {"op": "info"}, timeout=1)
-            return pid
+            return True
         except (OSError, ValueError):
-            if time.monotonic() > deadline:
-                raise AgentError(f"the agent did not answer on {path} within {timeout:.0f} s")
-            time.sleep(0.05)
+            return False
+
+    try:
+        wait_for(answers, timeout, f"the agent on {path}", every=0.05)
+    except TimeoutError:
+        raise AgentError(f"the agent did not answer on {path} within {timeout:.0f} s") from None
+    return pid
 
 
 @contextlib.contextmanager

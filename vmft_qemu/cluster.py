@@ -81,6 +81,7 @@ import paramiko
 
 from . import config as cfg
 from .events import emit
+from .waiting import wait_for
 
 log = logging.getLogger(__name__)
 
@@ -555,13 +556,14 @@ class Cluster:
         if view.primary is None:
             raise ClusterError(f"{name} has no primary now (sides: {view.sides})")
         self.links[view.primary].call({"op": "stop", "vm": name})
-        deadline = time.monotonic() + timeout
-        while (left := self.vms(self.survey()).get(name)) is not None:
-            if time.monotonic() > deadline:
+        try:
+            wait_for(lambda: self.vms(self.survey()).get(name) is None, timeout,
+                     f"{name} to stop", every=0.5)
+        except TimeoutError:
+            if (left := self.vms(self.survey()).get(name)) is not None:
                 for side in left.sides:
                     self.links[side["host"]].call({"op": "kill", "vm": name})
                 return {"vm": name, "clean": False, "killed_on": [s["host"] for s in left.sides]}
-            time.sleep(0.5)
         return {"vm": name, "clean": True}
 
     def pull_plug(self, host: str) -> dict[str, Any]:
@@ -575,11 +577,12 @@ class Cluster:
         # before its links went down would wait out its whole timeout.
         started = time.monotonic()
         bound = answer["in_s"] + 2 * self.inv.connect_timeout_s
-        while self._answers_ssh(self.inv.hosts[host]):
-            if time.monotonic() - started > bound:
-                raise ClusterError(f"{host}'s agent took the pull-plug, but {host} still answers "
-                                   f"on SSH after {bound:.0f} s")
-            time.sleep(PLUG_PROBE_S)
+        try:
+            wait_for(lambda: not self._answers_ssh(self.inv.hosts[host]), bound,
+                     f"{host} to stop answering on SSH", every=PLUG_PROBE_S)
+        except TimeoutError:
+            raise ClusterError(f"{host}'s agent took the pull-plug, but {host} still answers "
+                               f"on SSH after {bound:.0f} s") from None
         down_after_s = round(time.monotonic() - started, 2)
         emit(log, "cluster-plug-pulled", host=host, down_after_s=down_after_s)
         return {"host": host, "down_after_s": down_after_s}

@@ -23,9 +23,10 @@ from typing import Any
 
 from .images import locate
 from .lan_watch import LanWatch
-from .pair import LocalPair, lan_with_storage, pull_the_plug, wait_for
+from .pair import LocalPair, lan_with_storage, pull_the_plug
 from .report import write_report
 from .topology import GUEST_IP, GUEST_MAC, STORAGE_IP
+from .waiting import wait_for
 
 AFTER_KILL_S = 15  # how long the client goes on after the kill
 TAKEOVER_EVENTS = ("partner-failed", "go-live-lock", "going-live", "replay-frozen-and-saved",

@@ -51,6 +51,7 @@ from . import test_and_set
 from .log_pipe import unread_bytes
 from .machine import savevm
 from .replay_log import DiskCompletions, block_completion, forget_read_ahead, instruction_event
+from .waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +147,13 @@ def replay_starved(pid: int, rrfile: Path) -> bool:
 async def wait_consumed(pid: int, rrfile: Path, pipe_fd: int, timeout: float) -> float:
     """Wait until QEMU has replayed everything written to the pipe; return seconds."""
     start = time.monotonic()
-    while not (unread_bytes(pipe_fd) == 0 and replay_starved(pid, rrfile)):
-        if time.monotonic() - start > timeout:
-            raise GoLiveError(f"the replay did not reach the end of the received log "
-                              f"within {timeout:.0f} s ({unread_bytes(pipe_fd)} bytes unread)")
-        await asyncio.sleep(POLL)
+    try:
+        await wait_until(lambda: unread_bytes(pipe_fd) == 0 and replay_starved(pid, rrfile),
+                         timeout, "the replay to reach the end of the received log", every=POLL)
+    except TimeoutError:
+        unread = unread_bytes(pipe_fd)
+        raise GoLiveError(f"the replay did not reach the end of the received log "
+                          f"within {timeout:.0f} s ({unread} bytes unread)") from None
     return time.monotonic() - start
 
 

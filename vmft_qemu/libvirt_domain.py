@@ -54,6 +54,7 @@ from typing import Any
 import psutil
 
 from .machine import Machine, MachinePaths, Role, VMSpec, command_line, die_with_parent
+from .waiting import wait_until
 
 log = logging.getLogger(__name__)
 
@@ -298,19 +299,19 @@ class LibvirtMachine(Machine):
 
     async def _stop_reason(self, timeout: float = 10.0) -> str:
         """libvirt's reason for the stop, from the domain's log (written as it cleans up)."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
+        def reason() -> str | None:
             try:
                 with open(self.log_file, errors="replace") as f:
                     f.seek(self._log_from)
                     found = STOP_REASON.findall(f.read())
             except OSError:
                 found = []
-            if found:
-                return found[-1]
-            if asyncio.get_running_loop().time() > deadline:
-                return "unknown"
-            await asyncio.sleep(0.1)
+            return found[-1] if found else None
+
+        try:
+            return await wait_until(reason, timeout, f"libvirt's stop reason for {self.name}")
+        except TimeoutError:
+            return "unknown"
 
     def _signal(self, sig: int) -> None:
         assert self._pid is not None

@@ -37,6 +37,7 @@ from types import TracebackType
 
 from .events import emit
 from .topology import Netns
+from .waiting import wait_for
 
 log = logging.getLogger(__name__)
 
@@ -192,18 +193,22 @@ class NfsServer:
         return self
 
     def _wait_ready(self, deadline: float) -> None:
-        assert self.proc is not None
-        while True:
-            status = self.proc.poll()
+        proc = self.proc
+        assert proc is not None
+
+        def serving() -> bool:
+            status = proc.poll()
             if status is not None:
                 raise NfsServerError(f"{shlex.join(self.command())} exited with status "
                                      f"{status} before serving{self._tail()}")
-            if self._probe():
-                return
-            if time.monotonic() > deadline:
-                raise NfsServerError(f"{GANESHA} (pid {self.proc.pid}) does not answer on port "
-                                     f"{self.port}{self._tail()}")
-            time.sleep(POLL)
+            return self._probe()
+
+        try:
+            wait_for(serving, deadline - time.monotonic(), f"{GANESHA} on port {self.port}",
+                     every=POLL)
+        except TimeoutError:
+            raise NfsServerError(f"{GANESHA} (pid {proc.pid}) does not answer on port "
+                                 f"{self.port}{self._tail()}") from None
 
     def _probe(self) -> bool:
         if self.netns is None:

@@ -17,12 +17,13 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from . import status
 from .events import read_jsonl
 from .nfs_server import NfsServer
 from .topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, STORAGE_IP, Host, Topology
+from .waiting import wait_for
 
 ROLES = ("primary", "backup")
 TAP = "vmft0"  # each host's TAP for the guest, in its LAN bridge
@@ -32,16 +33,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.1) -> Any:
-    """Poll `condition` until it returns something true; TimeoutError after `timeout` s."""
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
-    return result
 
 
 class LocalPair:
