@@ -8,6 +8,8 @@ different: it changes one byte of the first ARP packet the guest receives
 (an ASYNC_NET event in the log) and re-seals the frame with a valid checksum,
 so the backup replays a different input: what the divergence check is for.
 
+`LogProxy`, the forwarding it is built on, serves `stepper.py` too.
+
 Run as a program (`python -m tests.faults LISTEN_PORT TARGET_HOST TARGET_PORT
 MODE`) it prints "injected" when it has done its work: for a netns host.
 """
@@ -47,15 +49,15 @@ def _hang_up(*socks: socket.socket) -> None:
             pass
 
 
-class FaultProxy:
-    def __init__(self, target_port: int, mode: str, at: int = 20,
-                 target_host: str = "127.0.0.1", listen_port: int = 0) -> None:
-        assert mode in MODES + ("tamper",)
-        self.target_port, self.mode, self.at = target_port, mode, at
-        self.target_host = target_host
+class LogProxy:
+    """A TCP proxy for the log channel: backup -> primary byte-exact, primary ->
+    backup through `_pipe_frames`, which each kind of proxy defines."""
+
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1",
+                 listen_port: int = 0) -> None:
+        self.target_port, self.target_host = target_port, target_host
         self.listener = socket.create_server(("127.0.0.1", listen_port))
         self.port = self.listener.getsockname()[1]
-        self.injected = threading.Event()
         self.connections = 0
         self._sockets: list[socket.socket] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -80,9 +82,8 @@ class FaultProxy:
                 continue
             self.connections += 1
             self._sockets += [client, backend]
-            damage = self.connections == 1
             threading.Thread(target=self._pipe_raw, args=(backend, client), daemon=True).start()
-            threading.Thread(target=self._pipe_frames, args=(client, backend, damage),
+            threading.Thread(target=self._pipe_frames, args=(client, backend, self.connections),
                              daemon=True).start()
 
     @staticmethod
@@ -94,7 +95,20 @@ class FaultProxy:
             pass
         _hang_up(src, dst)
 
-    def _pipe_frames(self, src: socket.socket, dst: socket.socket, damage: bool) -> None:
+    def _pipe_frames(self, src: socket.socket, dst: socket.socket, connection: int) -> None:
+        raise NotImplementedError
+
+
+class FaultProxy(LogProxy):
+    def __init__(self, target_port: int, mode: str, at: int = 20,
+                 target_host: str = "127.0.0.1", listen_port: int = 0) -> None:
+        assert mode in MODES + ("tamper",)
+        self.mode, self.at = mode, at
+        self.injected = threading.Event()
+        super().__init__(target_port, target_host, listen_port)
+
+    def _pipe_frames(self, src: socket.socket, dst: socket.socket, connection: int) -> None:
+        damage = connection == 1  # later connections (the primary's reconnect) pass untouched
         logs = 0
         held: bytes | None = None
         try:

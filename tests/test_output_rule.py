@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +26,7 @@ pytestmark = pytest.mark.qemu
 
 # Failure detection that never fires during a test (its own tests are elsewhere).
 PATIENT = "timeout_ms = 600000\nchannel_grace_ms = 600000\n"
+PROXY_PORT = 7499  # a log-channel proxy's, in the primary's host
 FT_PAGE = Path(__file__).resolve().parent.parent / "images" / "rootfs" / "www" / "ft.html"
 
 
@@ -84,35 +88,80 @@ def test_client_gets_every_answer_right_and_nothing_leaves_early(lan_pair) -> No
     assert check["divergences"] == 0, check["last"]
 
 
-def test_divergence_check_fires_when_the_backup_gets_a_different_input(
-        tmp_path: Path, image) -> None:
+@contextlib.contextmanager
+def proxied_pair(tmp_path: Path, proxy: str, *proxy_args: str, primary: str = "",
+                 ) -> Iterator[tuple[Topology, LocalPair, subprocess.Popen[str]]]:
+    """A pair whose log channel runs through `python -m tests.PROXY` on host a,
+    which the heartbeats do not take (a starved proxy must not look like a
+    failed primary), its guest's network up.  The proxy's arguments: its port,
+    the backup's address and port, then `proxy_args`, in which {primary} and
+    {backup} stand for the sides' run directories."""
     repo = Path(__file__).resolve().parent.parent
     with Topology() as topo:
-        # The log channel runs through a proxy on host a that the heartbeats
-        # do not take; a starved proxy must not look like a failed primary.
         pair = LocalPair(tmp_path / "pair", network=topo, primary_target_address="127.0.0.1",
-                         primary_target_port=7499, failure=PATIENT)
-        backup_ip = topo.hosts["b"].ft_ip
-        proxy = topo.hosts["a"].popen(
-            [sys.executable, "-m", "tests.faults", "7499", backup_ip, str(pair.log_port), "tamper"],
-            cwd=repo, stdout=subprocess.PIPE, text=True)
+                         primary_target_port=PROXY_PORT, failure=PATIENT, primary=primary)
+        dirs = {role: str(pair.run_dir(role)) for role in ("primary", "backup")}
+        process = topo.hosts["a"].popen(
+            [sys.executable, "-m", f"tests.{proxy}", str(PROXY_PORT), topo.hosts["b"].ft_ip,
+             str(pair.log_port), *(arg.format(**dirs) for arg in proxy_args)],
+            cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         try:
-            assert proxy.stdout is not None and proxy.stdout.readline().strip() == "listening"
+            assert process.stdout is not None and process.stdout.readline().strip() == "listening"
             pair.start_both()
             wait_for(lambda: "VMFT-NET-UP " + GUEST_IP in pair.console("primary"), 180,
                      "the guest's network to come up")
-            answered = client(topo, "counter", "--count", "5")
-            assert answered["answers"] == [1, 2, 3, 4, 5]  # the primary is fine
-            assert proxy.stdout.readline().strip() == "injected"
-            found = wait_for(lambda: (d := pair.status("backup")["divergence"])["divergences"]
-                             and d, 120, "the backup to report the divergence")
-            assert "outbound frame" in found["last"]
-            assert any(e["event"] == "divergence" and e["level"] == "error"
-                       for e in pair.events("backup"))
+            yield topo, pair, process
         finally:
-            proxy.kill()
-            proxy.wait(10)
+            process.kill()
+            process.wait(10)
             pair.stop()
+
+
+def test_divergence_check_fires_when_the_backup_gets_a_different_input(
+        tmp_path: Path, image) -> None:
+    with proxied_pair(tmp_path, "faults", "tamper") as (topo, pair, proxy):
+        answered = client(topo, "counter", "--count", "5")
+        assert answered["answers"] == [1, 2, 3, 4, 5]  # the primary is fine
+        assert proxy.stdout is not None and proxy.stdout.readline().strip() == "injected"
+        found = wait_for(lambda: (d := pair.status("backup")["divergence"])["divergences"]
+                         and d, 120, "the backup to report the divergence")
+        assert "outbound frame" in found["last"]
+        assert any(e["event"] == "divergence" and e["level"] == "error"
+                   for e in pair.events("backup"))
+
+
+def test_backup_replays_every_released_frame_from_the_log_acknowledged(
+        tmp_path: Path, image) -> None:
+    """Each frame's stamp is no earlier than its emission: handed the log one
+    LOG frame at a time, the backup's replay produces every frame the gate
+    released, with no more log than the ACK that released it covered."""
+    # The idle guest's log flushed every 20 ms, not 2: the stepping keeps up.
+    with proxied_pair(tmp_path, "stepper", "{primary}", "{backup}",
+                      primary="log_flush_us = 20000\n") as (topo, pair, proxy):
+        assert proxy.stdin is not None and proxy.stdout is not None
+        pair.wait_protected()
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in proxy.stdout],
+                         daemon=True).start()
+        before = pair.status("primary")["gate"]["released"]
+        proxy.stdin.write("on\n")
+        proxy.stdin.flush()
+        counted = client(topo, "counter", "--count", "5", timeout=300)
+        pages = client(topo, "http", "--path", "/ft.html", "--count", "3", timeout=300)
+        # Every frame the answers took was released during the stepping; go
+        # on until a step has checked them all (or found one too early).
+        answered = pair.status("primary")["gate"]["released"]
+        steps: list[dict[str, Any]] = []
+        while not steps or ("violation" not in steps[-1] and steps[-1]["released"] < answered):
+            steps.append(json.loads(lines.get(timeout=120)))
+        proxy.stdin.write("off\n")
+        proxy.stdin.flush()
+        assert "violation" not in steps[-1], steps[-1]
+        assert counted["error"] is None and counted["answers"] == [1, 2, 3, 4, 5]
+        assert pages["error"] is None and len(pages["pages"]) == 3
+        assert answered - before >= 5 + 3 * 3
+        print(f"{sum(s['when'] == 'acked' for s in steps)} LOG frames stepped, "
+              f"{answered - before} released frames checked")
 
 
 def test_stalled_backup_holds_every_reply_until_it_resumes(lan_pair) -> None:
