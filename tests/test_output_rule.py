@@ -141,8 +141,13 @@ def test_backup_replays_every_released_frame_from_the_log_acknowledged(
         assert proxy.stdin is not None and proxy.stdout is not None
         pair.wait_protected()
         lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(line) for line in proxy.stdout],
-                         daemon=True).start()
+
+        def read_steps() -> None:  # the proxy's report, one line per check
+            assert proxy.stdout is not None
+            for line in proxy.stdout:
+                lines.put(line)
+
+        threading.Thread(target=read_steps, daemon=True).start()
         before = pair.status("primary")["gate"]["released"]
         proxy.stdin.write("on\n")
         proxy.stdin.flush()
