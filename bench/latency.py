@@ -192,10 +192,9 @@ def run_ft(requests: int, pages: int, work: Path, log_flush_us: int,
             try:
                 result = _load(topo, requests, pages, pids["primary qemu"])
             except RuntimeError as e:  # say where every side stood when the client gave up
-                sides = {role: {k: pair.status(role).get(k) for k in (
-                    "state", "recorded", "acked", "backup_replayed", "lag_ms", "gate", "errors")}
-                    for role in ("primary", "backup")}
-                raise RuntimeError(f"{e}; {json.dumps(sides)}") from None
+                raise RuntimeError(f"{e}; " + pair.standing(
+                    "state", "recorded", "acked", "backup_replayed", "lag_ms", "gate",
+                    "errors")) from None
             finally:
                 if replay_apart:
                     os.kill(pids["backup qemu"], signal.SIGCONT)

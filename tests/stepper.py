@@ -69,9 +69,9 @@ class Stepper(LogProxy):
         step: dict[str, Any] = {"when": when, "offset": offset}
         try:
             if when == "acked":
-                wait_for(lambda: _ask(self.primary_sock).get("acked", {}).get("offset", -1)
+                wait_for(lambda: status.ask(self.primary_sock).get("acked", {}).get("offset", -1)
                          >= offset, WAIT_S, "the primary to get the ACK", every=POLL_S)
-            step["released"] = _ask(self.primary_sock)["gate"]["released"]
+            step["released"] = status.ask(self.primary_sock)["gate"]["released"]
             wait_for(lambda: self._produced() >= step["released"], WAIT_S,
                      "the backup's replay to produce every released frame", every=POLL_S)
             step["produced"] = self._produced()
@@ -81,15 +81,7 @@ class Stepper(LogProxy):
         print(json.dumps(step), flush=True)
 
     def _produced(self) -> int:
-        return _ask(self.backup_sock).get("divergence", {}).get("backup_frames", -1)
-
-
-def _ask(sock: Path) -> dict[str, Any]:
-    """A controller's status; {} while it does not answer."""
-    try:
-        return status.query(sock)
-    except (OSError, ValueError):
-        return {}
+        return status.ask(self.backup_sock).get("divergence", {}).get("backup_frames", -1)
 
 
 if __name__ == "__main__":

@@ -133,9 +133,7 @@ class LocalPair:
             wait_for(lambda: self.status("primary").get("lag_ms", 1e9) < 500, timeout,
                      "the backup to catch up")
         except TimeoutError as e:
-            sides = {role: {k: self.status(role).get(k) for k in ("state", "lag_ms", "errors")}
-                     for role in ROLES}
-            raise TimeoutError(f"{e}: {sides}") from None
+            raise TimeoutError(f"{e}: {self.standing('state', 'lag_ms', 'errors')}") from None
 
     def wait_released(self, frames: int, timeout: float = 60) -> None:
         """Until the primary's output gate has released `frames` frames."""
@@ -167,10 +165,11 @@ class LocalPair:
 
     def status(self, role: str) -> dict[str, Any]:
         """The controller's snapshot, or {} while it is not answering."""
-        try:
-            return status.query(self.run_dir(role) / status.SOCKET_NAME, timeout=2)
-        except (OSError, ValueError):
-            return {}
+        return status.ask(self.run_dir(role) / status.SOCKET_NAME)
+
+    def standing(self, *keys: str) -> str:
+        """Where both sides stand: `keys` of each one's status, as JSON (for errors)."""
+        return json.dumps({role: {k: self.status(role).get(k) for k in keys} for role in ROLES})
 
     def metrics(self, role: str) -> str:
         """The side's Prometheus text, scraped over HTTP in its host's network."""

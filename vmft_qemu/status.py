@@ -82,6 +82,14 @@ async def serve(path: Path, snapshot: Callable[[], dict[str, Any]]) -> asyncio.S
     return await asyncio.start_unix_server(answer, str(path))
 
 
+def ask(path: Path, timeout: float = 2.0) -> dict[str, Any]:
+    """`query`, or {} while the controller does not answer (starting, gone)."""
+    try:
+        return query(path, timeout)
+    except (OSError, ValueError):
+        return {}
+
+
 def query(path: Path, timeout: float = 2.0) -> dict[str, Any]:
     """One controller's snapshot, read from its status socket."""
     with socket.socket(socket.AF_UNIX) as sock:
