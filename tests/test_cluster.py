@@ -35,7 +35,7 @@ from vmft_qemu.config import ConfigError
 from vmft_qemu.nfs_server import NfsServer
 from vmft_qemu.pair import TAP
 from vmft_qemu.topology import GUEST_IP, GUEST_MAC, LAN_PREFIX, STORAGE_IP, Topology
-from vmft_qemu.waiting import wait_for
+from vmft_qemu.waiting import wait_for, wait_until
 
 VMFT = Path(sys.executable).parent / "vmft"
 VM = "web"
@@ -208,8 +208,7 @@ def test_the_plug_is_pulled_only_after_the_caller_has_hung_up(tmp_path: Path,
         agent = DrillAgent(tmp_path / "state")
         server = asyncio.create_task(ag.serve(agent, sock))
         try:
-            while not sock.exists():
-                await asyncio.sleep(0.01)
+            await wait_until(sock.exists, 5, "the agent's socket", every=0.01)
             reader, writer = await asyncio.open_unix_connection(str(sock))
             writer.write(b'{"op": "pull-plug"}\n')
             assert json.loads(await reader.readline()) == {"ok": True, "in_s": 0.05}
